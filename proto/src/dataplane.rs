@@ -1,0 +1,99 @@
+//! The data-plane protocol between a participant (agent) and a relay, over QUIC.
+//!
+//! 1. **Connect.** The agent dials the relay's `address` from the `RelayEndpoint` the
+//!    coordinator returned, ALPN [`ALPN`], TLS 1.3, SNI `server_name`, and accepts the
+//!    relay's certificate only if its DER SHA-256 equals `cert_sha256` (pinning, with the
+//!    handshake signature still verified).
+//! 2. **Attach.** The agent opens one bidirectional stream, the *signal stream*, and
+//!    writes `Signal` frames on it ([`Channel::Signal`], payload a `pb::Signal`). The first
+//!    is `Hello { token, session_id }`. The relay answers `Welcome { participant_id,
+//!    granted, peer_tokens }`, or closes the connection with [`close::REFUSED`] and a
+//!    reason naming what was wrong (the [`crate::TokenError`] text).
+//! 3. **Signals, relay → participant:** `PeerJoined { token }` (check its signature and
+//!    key before trusting it), `PeerLeft`, `GrantsChanged`, `KeyFrameRequest` (host only),
+//!    `SessionEnded { reason }` — after which the relay closes with [`close::ENDED`].
+//!    **Participant → relay:** `Grant { granted }` (host only; the full set, capped by
+//!    the session), `Hangup { reason }`.
+//! 4. **Data.** For each channel it sends on, a participant opens one unidirectional
+//!    stream and writes frames of that channel only, in order. The relay opens one
+//!    unidirectional stream per channel towards each participant it forwards to, on the
+//!    first frame for it. Frame headers are forwarded unchanged.
+//! 5. **Sequence numbers** start at 1 per (sender, channel) and increase by one; with the
+//!    channel they form the AEAD nonce, so they never repeat under one key.
+//! 6. **Policy.** The relay forwards a data frame only if
+//!    [`crate::policy::may_forward`] allows it; otherwise it drops and counts it. A
+//!    malformed frame closes the sender's connection with [`close::PROTOCOL`].
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::frame::{Channel, Frame, FrameHeader};
+use crate::pb;
+
+/// ALPN protocol id of the data plane.
+pub const ALPN: &[u8] = b"kakehashi/1";
+
+/// QUIC application close codes used by relays and agents.
+pub mod close {
+    /// The session ended normally (reason in the last `SessionEnded` signal).
+    pub const ENDED: u32 = 0;
+    /// The token or hello was refused; the reason string says why.
+    pub const REFUSED: u32 = 1;
+    /// The peer broke the protocol (malformed frame, wrong channel, oversize).
+    pub const PROTOCOL: u32 = 2;
+    /// The session's actor failed; only this session is affected.
+    pub const SESSION_FAILED: u32 = 3;
+    /// The relay is shutting down.
+    pub const SHUTDOWN: u32 = 4;
+    /// The participant left.
+    pub const LEFT: u32 = 5;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignalError {
+    #[error("signal frame arrived on the {0:?} channel")]
+    NotSignal(Channel),
+    #[error("signal payload is not a valid message: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("signal message has no kind")]
+    Empty,
+}
+
+/// Encodes a signal as a frame. Signals are small and bounded by construction; callers
+/// pass only messages they built.
+pub fn signal_frame(kind: pb::signal::Kind, seq: u64) -> Frame {
+    let payload = pb::Signal { kind: Some(kind) }.encode_to_vec();
+    let header = FrameHeader::new(
+        Channel::Signal,
+        0,
+        seq,
+        crate::unix_now_us(),
+        payload.len() as u32,
+    );
+    Frame::new(header, &payload)
+}
+
+/// Decodes a signal frame's payload.
+pub fn decode_signal(frame: &Frame) -> Result<pb::signal::Kind, SignalError> {
+    if frame.header.channel != Channel::Signal {
+        return Err(SignalError::NotSignal(frame.header.channel));
+    }
+    pb::Signal::decode(Bytes::copy_from_slice(frame.payload()))?
+        .kind
+        .ok_or(SignalError::Empty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_roundtrip() {
+        let f = signal_frame(pb::signal::Kind::Grant(pb::Grant { granted: 3 }), 9);
+        assert_eq!(f.header.seq, 9);
+        match decode_signal(&f).expect("decodes") {
+            pb::signal::Kind::Grant(g) => assert_eq!(g.granted, 3),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
