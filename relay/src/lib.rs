@@ -1,1 +1,328 @@
-//! placeholder
+//! The Kakehashi relay: a stateless QUIC data-plane node.
+//!
+//! Participants attach with a coordinator-signed token, which the relay verifies with
+//! nothing but the coordinator's public key. A root actor ([`node`]) supervises one
+//! actor per session ([`session`]); each participant's connection ([`conn`]) reads its
+//! data streams and forwards what the consent policy allows straight into the other
+//! participants' outboxes ([`outbox`]), so frames never queue behind actor messages.
+//!
+//! # Layout
+//! - `config`: [`RelayConfig`], built from flags by `main.rs` or directly by tests.
+//! - `tls`: the relay's certificate (a dev certificate is generated when none is given)
+//!   and QUIC transport settings.
+//! - `node`: the supervisor; starts, ends and forgets sessions; survives their failures.
+//! - `session`: a session's members, grants, deadline and ending.
+//! - `conn`: one participant's connection: attach, signals, data streams.
+//! - `outbox`: per-participant queues and the writer tasks that drain them.
+//! - `admin`: the `RelayAdmin` gRPC service coordinators call.
+//! - `stats`: counters for tests, mirrored into Prometheus metrics.
+//!
+//! # Invariants
+//! - **A relay never persists anything**: kill it at any moment and nothing durable is
+//!   lost. All session state lives in its actor and dies with it.
+//! - The relay reads frame headers and `Signal` messages only; payloads are end-to-end
+//!   ciphertext it forwards unchanged.
+//! - A failure in one session's actor or tasks ends that session only.
+
+mod admin;
+mod config;
+mod conn;
+mod node;
+mod outbox;
+mod session;
+mod stats;
+mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kakehashi_proto::pb::{self, relay_admin_server::RelayAdminServer};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::{ForwardTap, RelayConfig};
+pub use stats::RelayStats;
+pub use tls::TlsError;
+
+use node::{NodeCtx, NodeMsg, NodeSupervisor};
+
+/// Hooks that only tests compile in (`test-hooks` feature).
+#[cfg(feature = "test-hooks")]
+#[derive(Clone, Default)]
+pub struct TestHooks {
+    /// Sees the raw bytes of every frame the relay forwards.
+    pub forward_tap: Option<ForwardTap>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot bind QUIC endpoint on {addr}: {source}")]
+    BindQuic {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot bind admin listener on {addr}: {source}")]
+    BindAdmin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("relay id must be 1 to {max} characters", max = kakehashi_proto::token::MAX_RELAY_ID_LEN)]
+    RelayId,
+    #[error("cannot start the node supervisor: {0}")]
+    Supervisor(String),
+}
+
+/// Time sessions get to tell their participants the relay is going away.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+pub struct Relay;
+
+impl Relay {
+    /// Binds the QUIC endpoint and the admin service and starts serving.
+    pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
+        if config.relay_id.is_empty()
+            || config.relay_id.len() > kakehashi_proto::token::MAX_RELAY_ID_LEN
+        {
+            return Err(StartError::RelayId);
+        }
+        stats::describe();
+        let identity = tls::Identity::load_or_generate(&config)?;
+        let server_config = identity.server_config(&config)?;
+        let socket = bind_udp(config.listen, config.socket_buffer_bytes).map_err(|source| {
+            StartError::BindQuic {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| StartError::BindQuic {
+            addr: config.listen,
+            source,
+        })?;
+        let quic_addr = endpoint
+            .local_addr()
+            .map_err(|source| StartError::BindQuic {
+                addr: config.listen,
+                source,
+            })?;
+        let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| StartError::BindAdmin {
+                addr: config.admin_listen,
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::BindAdmin {
+                addr: config.admin_listen,
+                source,
+            })?;
+
+        #[cfg(feature = "test-hooks")]
+        let tap = config.hooks.forward_tap.clone();
+        #[cfg(not(feature = "test-hooks"))]
+        let tap = None;
+        let stats = Arc::new(RelayStats::default());
+        let ctx = Arc::new(NodeCtx {
+            config: config.clone(),
+            stats: stats.clone(),
+            tap,
+        });
+        let (node, node_join) = Actor::spawn(None, NodeSupervisor, ctx.clone())
+            .await
+            .map_err(|e| StartError::Supervisor(e.to_string()))?;
+
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(
+            endpoint.clone(),
+            node.clone(),
+            ctx.clone(),
+            cancel.clone(),
+        ));
+        let admin = RelayAdminServer::new(admin::AdminService {
+            node: node.clone(),
+            ctx: ctx.clone(),
+        });
+        let admin_cancel = cancel.clone();
+        tasks.spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(admin_listener);
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(admin)
+                .serve_with_incoming_shutdown(incoming, admin_cancel.cancelled())
+                .await
+            {
+                warn!(error = %e, "admin service stopped");
+            }
+        });
+
+        let advertised = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| quic_addr.to_string());
+        let endpoint_info = pb::RelayEndpoint {
+            relay_id: config.relay_id.clone(),
+            address: advertised,
+            server_name: config.server_name.clone(),
+            cert_sha256: identity.cert_sha256.to_vec(),
+        };
+        info!(relay = %config.relay_id, %quic_addr, %admin_addr, cert_sha256 = %hex::encode(identity.cert_sha256), "relay serving");
+        Ok(RelayHandle {
+            endpoint_info,
+            quic_addr,
+            admin_addr,
+            stats,
+            node,
+            node_join,
+            endpoint,
+            cancel,
+            tasks,
+        })
+    }
+}
+
+fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    if let Err(e) = socket
+        .set_recv_buffer_size(buffer)
+        .and_then(|()| socket.set_send_buffer_size(buffer))
+    {
+        warn!(error = %e, "cannot set UDP socket buffers");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    node: ActorRef<NodeMsg>,
+    ctx: Arc<NodeCtx>,
+    cancel: CancellationToken,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => { conns.spawn(conn::serve(incoming, node.clone(), ctx.clone())); }
+                None => break,
+            },
+            Some(_) = conns.join_next() => {}
+        }
+    }
+    // Connections end with their sessions during shutdown; whatever is left is closed
+    // with the endpoint.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    conns.shutdown().await;
+}
+
+/// A running relay. Dropping it does not stop it; call [`RelayHandle::shutdown`].
+pub struct RelayHandle {
+    endpoint_info: pb::RelayEndpoint,
+    quic_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    stats: Arc<RelayStats>,
+    node: ActorRef<NodeMsg>,
+    node_join: tokio::task::JoinHandle<()>,
+    endpoint: quinn::Endpoint,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl RelayHandle {
+    /// What coordinators hand to agents: id, address, server name, certificate hash.
+    pub fn endpoint(&self) -> pb::RelayEndpoint {
+        self.endpoint_info.clone()
+    }
+
+    pub fn relay_id(&self) -> &str {
+        &self.endpoint_info.relay_id
+    }
+
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    pub fn cert_sha256(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&self.endpoint_info.cert_sha256);
+        out
+    }
+
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    /// Sessions with a live actor on this relay.
+    pub async fn live_sessions(&self) -> usize {
+        match self
+            .node
+            .call(NodeMsg::Count, Some(Duration::from_secs(5)))
+            .await
+        {
+            Ok(CallResult::Success(n)) => n,
+            _ => 0,
+        }
+    }
+
+    /// Makes the session's actor panic. Returns whether the session was live here.
+    #[cfg(feature = "test-hooks")]
+    pub async fn inject_panic(&self, session: kakehashi_proto::SessionId) -> bool {
+        matches!(
+            self.node
+                .call(|r| NodeMsg::Panic(session, r), Some(Duration::from_secs(5)))
+                .await,
+            Ok(CallResult::Success(true))
+        )
+    }
+
+    /// Whether the node supervisor is still running.
+    pub fn is_running(&self) -> bool {
+        !self.node_join.is_finished()
+    }
+
+    /// Ends every session (participants are told the relay is shutting down), closes
+    /// the endpoint, and returns once every task has stopped.
+    pub async fn shutdown(mut self) {
+        let _ = self.node.cast(NodeMsg::EndAll {
+            reason: pb::EndReason::RelayShutdown,
+            detail: "the relay is shutting down".into(),
+        });
+        self.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        self.endpoint.close(
+            kakehashi_proto::dataplane::close::SHUTDOWN.into(),
+            b"relay shutting down",
+        );
+        self.node.stop(None);
+        let _ = self.node_join.await;
+        self.endpoint.wait_idle().await;
+    }
+}

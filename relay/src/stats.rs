@@ -1,0 +1,126 @@
+//! Counters: atomics that tests and the handle read, mirrored into `metrics` for Prometheus.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kakehashi_proto::Channel;
+use kakehashi_proto::policy::Denied;
+use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
+
+/// Node-wide counters. Metric handles are resolved once so the hot path only adds.
+pub struct RelayStats {
+    pub sessions_started: AtomicU64,
+    pub sessions_failed: AtomicU64,
+    pub attaches_refused: AtomicU64,
+    pub frames_forwarded: AtomicU64,
+    pub frames_denied: AtomicU64,
+    pub screen_frames_dropped: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    forwarded_frames: Vec<Counter>,
+    forwarded_bytes: Vec<Counter>,
+    sessions_active: Gauge,
+}
+
+pub fn describe() {
+    describe_gauge!(
+        "relay_sessions_active",
+        "Sessions with a live actor on this relay"
+    );
+    describe_counter!("relay_sessions_started_total", "Session actors started");
+    describe_counter!(
+        "relay_sessions_failed_total",
+        "Session actors that failed (panicked); each ended its own session only"
+    );
+    describe_counter!(
+        "relay_attach_refused_total",
+        "Participants refused at attach, by reason"
+    );
+    describe_counter!(
+        "relay_frames_forwarded_total",
+        "Frames forwarded to a participant, by channel"
+    );
+    describe_counter!(
+        "relay_bytes_forwarded_total",
+        "Frame bytes (header and ciphertext) forwarded, by channel"
+    );
+    describe_counter!(
+        "relay_frames_denied_total",
+        "Frames dropped by the consent policy, by reason"
+    );
+    describe_counter!(
+        "relay_screen_frames_dropped_total",
+        "Screen frames dropped for a slow viewer (latency-first)"
+    );
+    describe_counter!(
+        "relay_protocol_errors_total",
+        "Connections closed for breaking the protocol"
+    );
+}
+
+impl Default for RelayStats {
+    fn default() -> Self {
+        let per_channel = |name: &'static str| {
+            Channel::ALL
+                .iter()
+                .map(|c| counter!(name, "channel" => c.name()))
+                .collect()
+        };
+        Self {
+            sessions_started: AtomicU64::new(0),
+            sessions_failed: AtomicU64::new(0),
+            attaches_refused: AtomicU64::new(0),
+            frames_forwarded: AtomicU64::new(0),
+            frames_denied: AtomicU64::new(0),
+            screen_frames_dropped: AtomicU64::new(0),
+            protocol_errors: AtomicU64::new(0),
+            forwarded_frames: per_channel("relay_frames_forwarded_total"),
+            forwarded_bytes: per_channel("relay_bytes_forwarded_total"),
+            sessions_active: gauge!("relay_sessions_active"),
+        }
+    }
+}
+
+impl RelayStats {
+    pub(crate) fn forwarded(&self, channel: Channel, bytes: usize) {
+        self.frames_forwarded.fetch_add(1, Ordering::Relaxed);
+        self.forwarded_frames[channel as usize].increment(1);
+        self.forwarded_bytes[channel as usize].increment(bytes as u64);
+    }
+
+    pub(crate) fn denied(&self, why: Denied) {
+        self.frames_denied.fetch_add(1, Ordering::Relaxed);
+        counter!("relay_frames_denied_total", "reason" => why.label()).increment(1);
+    }
+
+    pub(crate) fn screen_dropped(&self) {
+        self.screen_frames_dropped.fetch_add(1, Ordering::Relaxed);
+        counter!("relay_screen_frames_dropped_total").increment(1);
+    }
+
+    pub(crate) fn refused(&self, label: &'static str) {
+        self.attaches_refused.fetch_add(1, Ordering::Relaxed);
+        counter!("relay_attach_refused_total", "reason" => label).increment(1);
+    }
+
+    pub(crate) fn protocol_error(&self) {
+        self.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        counter!("relay_protocol_errors_total").increment(1);
+    }
+
+    pub(crate) fn session_started(&self) {
+        self.sessions_started.fetch_add(1, Ordering::Relaxed);
+        counter!("relay_sessions_started_total").increment(1);
+        self.sessions_active.increment(1.0);
+    }
+
+    pub(crate) fn session_stopped(&self, failed: bool) {
+        self.sessions_active.decrement(1.0);
+        if failed {
+            self.sessions_failed.fetch_add(1, Ordering::Relaxed);
+            counter!("relay_sessions_failed_total").increment(1);
+        }
+    }
+
+    pub fn get(v: &AtomicU64) -> u64 {
+        v.load(Ordering::Relaxed)
+    }
+}
