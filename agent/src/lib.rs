@@ -1,1 +1,42 @@
-//! placeholder
+//! Kakehashi agent: the participant side of a remote-support session, as a library
+//! (used by the `kakehashi` CLI, the loadtest and the system tests).
+//!
+//! # Layout
+//! - [`host`]: the customer's agent ([`Host`]): joins by code, asks for consent,
+//!   enforces grants, streams the screen ([`SyntheticScreen`] for tests and load).
+//! - [`viewer`]: the operator's agent ([`Viewer`]): joins with the operator ticket,
+//!   shows the screen, asks for permissions, sends input only when granted.
+//! - [`consent`]: how answers become grants; the terminal prompt.
+//! - [`peer`]: trusting the other participant through its coordinator-signed token.
+//! - [`crypto`]: X25519 + HKDF session keys, AES-256-GCM frame sealing, the SAS.
+//! - [`link`]: the QUIC data-plane client ([`RelayLink`]), following
+//!   [`kakehashi_proto::dataplane`] exactly.
+//! - [`tls`]: the pinned-certificate verifier and the quinn client configuration.
+//! - [`control`]: serde views of sessions and events for the `ctl` command.
+//! - [`stats`]: latency percentiles for the viewer's progress line.
+//!
+//! # Invariants
+//! - Nothing from the network or the user is unwrapped: every failure is an error or
+//!   a counted, logged drop.
+//! - The host sends no screen without VIEW and obeys no input without CONTROL in a
+//!   control session, by the same [`kakehashi_proto::policy::may_forward`] rule the
+//!   relay applies.
+//! - Every task is owned (a `JoinSet` in the object that started it); dropping a
+//!   [`Host`], [`Viewer`] or [`RelayLink`] stops its tasks and leaves the session.
+
+pub mod consent;
+pub mod control;
+pub mod crypto;
+pub mod error;
+pub mod host;
+pub mod link;
+pub mod peer;
+pub mod stats;
+pub mod tls;
+pub mod viewer;
+
+pub use consent::Consent;
+pub use error::AgentError;
+pub use host::{Host, HostConfig, HostEvent, SyntheticScreen};
+pub use link::{LinkError, RelayLink};
+pub use viewer::{Viewer, ViewerConfig, ViewerEvent};

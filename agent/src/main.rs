@@ -1,1 +1,475 @@
-fn main() {}
+//! `kakehashi`: the participant CLI. `host` is the customer's side (enter the code, say
+//! yes or no), `view` the operator's, `ctl` drives the coordinator's SessionService the
+//! way call-center software does.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, Parser, Subcommand};
+use kakehashi_agent::control::{
+    self, CreatedView, EventView, SessionView, parse_mode, parse_permissions,
+};
+use kakehashi_agent::stats::LatencyWindow;
+use kakehashi_agent::{
+    Consent, Host, HostConfig, HostEvent, SyntheticScreen, Viewer, ViewerConfig, ViewerEvent,
+};
+use kakehashi_proto::pb::session_service_client::SessionServiceClient;
+use kakehashi_proto::{Mode, Permissions, pb};
+use serde::Serialize;
+
+const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7700";
+
+#[derive(Debug, Parser)]
+#[command(name = "kakehashi", version, about = "Kakehashi remote-support agent")]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax); logs go to stderr.
+    #[arg(long, env = "KAKEHASHI_LOG", default_value = "warn", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Share this screen (synthetic) with an operator: the customer's side.
+    Host(HostArgs),
+    /// Watch a customer's screen: the operator's side.
+    View(ViewArgs),
+    /// Manage sessions through the coordinator's SessionService.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+struct HostArgs {
+    #[arg(long, env = "KAKEHASHI_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// The session code the operator reads out.
+    #[arg(long, env = "KAKEHASHI_CODE")]
+    code: String,
+    /// Answer every request without asking: grant these permissions, deny the rest.
+    #[arg(long, env = "KAKEHASHI_APPROVE", value_parser = parse_permissions, conflicts_with = "deny_all")]
+    approve: Option<Permissions>,
+    /// Answer every request with no, without asking.
+    #[arg(long, env = "KAKEHASHI_DENY_ALL")]
+    deny_all: bool,
+    #[arg(long, env = "KAKEHASHI_FPS", default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=240))]
+    fps: u32,
+    #[arg(long, env = "KAKEHASHI_WIDTH", default_value_t = 1280)]
+    width: u32,
+    #[arg(long, env = "KAKEHASHI_HEIGHT", default_value_t = 720)]
+    height: u32,
+    /// Bytes per synthetic frame (at most 4 MiB less the tag).
+    #[arg(long, env = "KAKEHASHI_FRAME_BYTES", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(0..=4_000_000))]
+    frame_bytes: u32,
+    /// A key frame every this many frames.
+    #[arg(long, env = "KAKEHASHI_KEY_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    key_interval: u32,
+}
+
+#[derive(Debug, Args)]
+struct ViewArgs {
+    #[arg(long, env = "KAKEHASHI_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    #[arg(long, env = "KAKEHASHI_SESSION")]
+    session: String,
+    /// The operator ticket from `ctl create`.
+    #[arg(long, env = "KAKEHASHI_TICKET")]
+    ticket: String,
+    /// Ask the customer for these permissions once connected (e.g. control).
+    #[arg(long, env = "KAKEHASHI_REQUEST", value_parser = parse_permissions)]
+    request: Option<Permissions>,
+    /// The note shown to the customer with --request.
+    #[arg(long, env = "KAKEHASHI_NOTE", default_value = "")]
+    note: String,
+    /// Send this chat line once connected.
+    #[arg(long, env = "KAKEHASHI_CHAT")]
+    chat: Option<String>,
+    /// Leave after receiving this many screen frames.
+    #[arg(long, env = "KAKEHASHI_FRAMES")]
+    frames: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct CtlArgs {
+    #[arg(long, env = "KAKEHASHI_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// One JSON object per result or event instead of text.
+    #[arg(long, env = "KAKEHASHI_JSON")]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Create a session; prints the code for the customer and the operator ticket.
+    Create {
+        #[arg(long, env = "KAKEHASHI_TENANT")]
+        tenant: String,
+        #[arg(long, env = "KAKEHASHI_OPERATOR")]
+        operator: String,
+        #[arg(long, env = "KAKEHASHI_MODE", value_parser = parse_mode)]
+        mode: Mode,
+        /// What the operator may ask for; default: the mode's default.
+        #[arg(long, env = "KAKEHASHI_PERMISSIONS", value_parser = parse_permissions)]
+        permissions: Option<Permissions>,
+        /// Default: the coordinator's.
+        #[arg(long, env = "KAKEHASHI_MAX_DURATION_SECS")]
+        max_duration_secs: Option<u32>,
+    },
+    /// Show one session.
+    Get { id: String },
+    /// List sessions, newest first.
+    List {
+        #[arg(long, env = "KAKEHASHI_TENANT")]
+        tenant: Option<String>,
+        /// Include ended sessions.
+        #[arg(long)]
+        all: bool,
+    },
+    /// End a session now.
+    End {
+        id: String,
+        #[arg(long, default_value = "")]
+        detail: String,
+    },
+    /// Print a session's events as they happen, until it ends.
+    Watch { id: String },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Host(args) => host(args).await,
+        Command::View(args) => view(args).await,
+        Command::Ctl(args) => ctl(args).await,
+    }
+}
+
+impl HostArgs {
+    fn consent(&self) -> Consent {
+        match (self.deny_all, self.approve) {
+            (true, _) => Consent::Approve(Permissions::NONE),
+            (false, Some(p)) => Consent::Approve(p),
+            (false, None) => Consent::Prompt,
+        }
+    }
+
+    fn screen(&self) -> SyntheticScreen {
+        SyntheticScreen {
+            width: self.width,
+            height: self.height,
+            fps: self.fps,
+            frame_bytes: self.frame_bytes as usize,
+            key_interval: self.key_interval,
+        }
+    }
+}
+
+async fn host(args: HostArgs) -> Result<()> {
+    let config = HostConfig {
+        consent: args.consent(),
+    };
+    let mut host = Host::join(&args.coordinator, &args.code, config)
+        .await
+        .context("could not join the session")?;
+    println!(
+        "Connected to session {}. Waiting for the operator...",
+        host.session().session_id
+    );
+    let outcome = tokio::select! {
+        r = host.run_synthetic(args.screen(), print_host_event) => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    match outcome {
+        Some(r) => {
+            let (reason, detail) = r.context("the session broke off")?;
+            print_end(reason, &detail);
+        }
+        None => {
+            host.hangup(pb::EndReason::EndedByCustomer, "the customer pressed Ctrl-C")
+                .await
+                .context("hanging up")?;
+            println!("You ended the session.");
+        }
+    }
+    Ok(())
+}
+
+fn print_host_event(ev: &HostEvent) {
+    match ev {
+        HostEvent::PeerJoined { sas, .. } => println!(
+            "The operator connected. Security code: {sas} (it must match the code the operator reads to you)."
+        ),
+        HostEvent::GrantsChanged(g) => println!("Allowed now: {g}"),
+        HostEvent::Input(i) => println!("Operator input: {:?}", i.kind),
+        HostEvent::Chat(t) => println!("Operator: {t}"),
+        HostEvent::Pointer(p) if p.visible => println!("The operator points at ({}, {})", p.x, p.y),
+        HostEvent::Pointer(_) => {}
+        HostEvent::ConsentRequested { permissions, note } => {
+            println!("The operator asks for {permissions}: {note}")
+        }
+        HostEvent::KeyFrameRequested => tracing::debug!("key frame requested"),
+        HostEvent::Ended { .. } => {}
+    }
+}
+
+fn print_end(reason: pb::EndReason, detail: &str) {
+    let name = control::end_reason_name(reason);
+    if detail.is_empty() {
+        println!("The session ended: {name}.");
+    } else {
+        println!("The session ended: {name} ({detail}).");
+    }
+}
+
+async fn view(args: ViewArgs) -> Result<()> {
+    let config = ViewerConfig {
+        request_on_join: args.request.map(|p| (p, args.note.clone())),
+    };
+    let mut viewer = Viewer::join(&args.coordinator, &args.session, &args.ticket, config)
+        .await
+        .context("could not join the session")?;
+    println!(
+        "Connected to session {} (mode {}). Waiting for the customer...",
+        viewer.session().session_id,
+        control::SessionView::from(viewer.session()).mode
+    );
+    let mut chat = args.chat.clone();
+    let mut window = LatencyWindow::default();
+    let mut total: u64 = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            ev = viewer.next_event() => match ev {
+                Some(ViewerEvent::PeerJoined { sas }) => {
+                    println!("The customer connected. Security code: {sas} (read it to the customer).");
+                    if let Some(text) = chat.take() {
+                        viewer.send_chat(&text).await.context("sending chat")?;
+                    }
+                }
+                Some(ViewerEvent::Screen { latency_us, .. }) => {
+                    total += 1;
+                    window.record(latency_us);
+                    if args.frames.is_some_and(|n| total >= n) {
+                        report(total, &mut window);
+                        println!("Received {total} frames; leaving.");
+                        return Ok(());
+                    }
+                }
+                Some(ViewerEvent::Chat(t)) => println!("Customer: {t}"),
+                Some(ViewerEvent::GrantsChanged(g)) => println!("Granted now: {g}"),
+                Some(ViewerEvent::Ended { reason, detail }) => {
+                    report(total, &mut window);
+                    print_end(reason, &detail);
+                    return Ok(());
+                }
+                None => return Err(anyhow!("the session's event stream stopped")),
+            },
+            _ = tick.tick() => report(total, &mut window),
+            _ = &mut ctrl_c => {
+                viewer
+                    .hangup(pb::EndReason::EndedByOperator, "the operator pressed Ctrl-C")
+                    .await
+                    .context("hanging up")?;
+                println!("You ended the session.");
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn report(total: u64, window: &mut LatencyWindow) {
+    if let Some(p) = window.take() {
+        println!(
+            "frames {total} (+{}/s)  latency p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            p.count,
+            p.p50 as f64 / 1000.0,
+            p.p99 as f64 / 1000.0,
+            p.max as f64 / 1000.0
+        );
+    }
+}
+
+fn rpc_error(call: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow!("{call} failed: {} ({:?})", status.message(), status.code())
+}
+
+fn emit<T: Serialize + std::fmt::Display>(json: bool, value: &T) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        println!("{value}");
+    }
+    Ok(())
+}
+
+async fn ctl(args: CtlArgs) -> Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())
+        .with_context(|| format!("coordinator URL {:?}", args.coordinator))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {}", args.coordinator))?;
+    let mut client = SessionServiceClient::new(channel);
+    let json = args.json;
+    match args.command {
+        CtlCommand::Create {
+            tenant,
+            operator,
+            mode,
+            permissions,
+            max_duration_secs,
+        } => {
+            let resp = client
+                .create_session(pb::CreateSessionRequest {
+                    tenant,
+                    operator,
+                    mode: mode.to_pb() as i32,
+                    permissions: permissions.map_or(0, Permissions::bits),
+                    max_duration_secs: max_duration_secs.unwrap_or(0),
+                })
+                .await
+                .map_err(|s| rpc_error("CreateSession", s))?
+                .into_inner();
+            emit(json, &CreatedView::from(&resp))
+        }
+        CtlCommand::Get { id } => {
+            let s = client
+                .get_session(pb::GetSessionRequest { session_id: id })
+                .await
+                .map_err(|s| rpc_error("GetSession", s))?
+                .into_inner();
+            emit(json, &SessionView::from(&s))
+        }
+        CtlCommand::List { tenant, all } => {
+            let resp = client
+                .list_sessions(pb::ListSessionsRequest {
+                    tenant: tenant.unwrap_or_default(),
+                    limit: 0,
+                    include_ended: all,
+                })
+                .await
+                .map_err(|s| rpc_error("ListSessions", s))?
+                .into_inner();
+            if resp.sessions.is_empty() && !json {
+                println!("no sessions");
+            }
+            for s in &resp.sessions {
+                emit(json, &SessionView::from(s))?;
+            }
+            Ok(())
+        }
+        CtlCommand::End { id, detail } => {
+            let s = client
+                .end_session(pb::EndSessionRequest {
+                    session_id: id,
+                    detail,
+                })
+                .await
+                .map_err(|s| rpc_error("EndSession", s))?
+                .into_inner();
+            emit(json, &SessionView::from(&s))
+        }
+        CtlCommand::Watch { id } => {
+            let mut stream = client
+                .watch_session(pb::WatchSessionRequest { session_id: id })
+                .await
+                .map_err(|s| rpc_error("WatchSession", s))?
+                .into_inner();
+            while let Some(ev) = stream
+                .message()
+                .await
+                .map_err(|s| rpc_error("WatchSession", s))?
+            {
+                emit(json, &EventView::from(&ev))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kakehashi").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn host_flags() {
+        let cli = parse(&["host", "--code", "1234", "--approve", "view,control", "--fps", "30"])
+            .expect("parses");
+        let Command::Host(h) = cli.command else {
+            panic!("not host");
+        };
+        assert_eq!(h.coordinator, DEFAULT_COORDINATOR);
+        assert_eq!(
+            h.consent(),
+            Consent::Approve(Permissions::VIEW | Permissions::CONTROL)
+        );
+        assert_eq!(h.screen().fps, 30);
+        assert_eq!(h.screen().frame_bytes, 20_000);
+        let cli = parse(&["host", "--code", "1", "--deny-all"]).expect("parses");
+        let Command::Host(h) = cli.command else {
+            panic!("not host");
+        };
+        assert_eq!(h.consent(), Consent::Approve(Permissions::NONE));
+        assert!(parse(&["host", "--code", "1", "--deny-all", "--approve", "view"]).is_err());
+        assert!(parse(&["host", "--code", "1", "--approve", "everything"]).is_err());
+        assert!(parse(&["host", "--code", "1", "--fps", "0"]).is_err());
+    }
+
+    #[test]
+    fn view_flags() {
+        let cli = parse(&[
+            "view", "--session", "ab", "--ticket", "t", "--request", "control", "--frames", "10",
+        ])
+        .expect("parses");
+        let Command::View(v) = cli.command else {
+            panic!("not view");
+        };
+        assert_eq!(v.request, Some(Permissions::CONTROL));
+        assert_eq!(v.frames, Some(10));
+        assert!(parse(&["view", "--session", "ab"]).is_err());
+    }
+
+    #[test]
+    fn ctl_flags() {
+        let cli = parse(&[
+            "ctl", "--json", "create", "--tenant", "t", "--operator", "o", "--mode", "control",
+            "--permissions", "view,control",
+        ])
+        .expect("parses");
+        let Command::Ctl(c) = cli.command else {
+            panic!("not ctl");
+        };
+        assert!(c.json);
+        assert!(matches!(
+            c.command,
+            CtlCommand::Create {
+                mode: Mode::Control,
+                ..
+            }
+        ));
+        assert!(parse(&["ctl", "list", "--all"]).is_ok());
+        assert!(parse(&["ctl", "end", "abc", "--detail", "done"]).is_ok());
+        assert!(parse(&["ctl", "watch", "abc"]).is_ok());
+        assert!(parse(&["ctl", "create", "--tenant", "t", "--operator", "o", "--mode", "admin"]).is_err());
+    }
+}

@@ -1,1 +1,158 @@
-//! placeholder
+//! Kakehashi coordinator: the control plane. It creates sessions for call-center
+//! software, hands out the codes customers type, places each session on a relay, signs
+//! the tokens relays verify offline, and streams each session's events.
+//!
+//! # Layout
+//! - [`Coordinator`] / [`CoordinatorHandle`] (this file): start and stop the gRPC server
+//!   and the background tasks.
+//! - [`config`]: [`CoordinatorConfig`] and [`Backends`].
+//! - [`backend`]: the storage traits (`CodeStore`, `SessionStore`, `EventBus`,
+//!   `RelayDirectory`) with their in-memory implementations; `contract` (feature
+//!   `test-support`) is the behaviour every implementation must pass.
+//! - `service`: the shared core and the `SessionService` / `AgentService` impls.
+//! - `reaper`: ends sessions past their deadline or with an expired code.
+//! - `validate`, `limiter`: pure input checks and the wrong-code limiter.
+//! - [`error`]: [`ApiError`], classified once into gRPC status, message and metric label.
+//! - `telemetry`: metric names, described at start.
+//!
+//! # Invariants
+//! - A code redeems at most once; an ended session never ends again (compare-and-swap).
+//! - Operator tickets are stored only as SHA-256 digests.
+//! - Every task is owned by the [`CoordinatorHandle`]; `shutdown` waits for all of them.
+
+pub mod backend;
+pub mod config;
+#[cfg(any(test, feature = "test-support"))]
+pub mod contract;
+pub mod error;
+mod limiter;
+mod random;
+mod reaper;
+mod service;
+pub mod telemetry;
+mod validate;
+
+use std::net::SocketAddr;
+
+use ed25519_dalek::VerifyingKey;
+use kakehashi_proto::pb;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use backend::relays::RelayInfo;
+pub use config::{Backends, CoordinatorConfig, generate_signing_key};
+pub use error::{ApiError, StartError};
+
+/// Starts coordinators. See [`Coordinator::start`].
+pub struct Coordinator;
+
+impl Coordinator {
+    /// Binds the gRPC listener (and the metrics listener, if configured), starts the
+    /// services and the reaper, and returns once the listener accepts connections.
+    pub async fn start(
+        config: CoordinatorConfig,
+        backends: Backends,
+    ) -> Result<CoordinatorHandle, StartError> {
+        config.validate()?;
+        telemetry::describe();
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        if let Some(addr) = config.metrics_listen {
+            let (recorder, exporter) = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .build()
+                .map_err(|source| StartError::Metrics { addr, source })?;
+            metrics::set_global_recorder(recorder).map_err(|_| {
+                StartError::Config("a metrics recorder is already installed in this process".into())
+            })?;
+            let stop = cancel.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    result = exporter => if let Err(e) = result {
+                        tracing::warn!(error = ?e, "metrics endpoint stopped");
+                    }
+                }
+            });
+        }
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let grpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let public_key = config.signing_key.verifying_key();
+
+        let core = service::Core::new(config, backends, cancel.clone());
+        let router = tonic::transport::Server::builder()
+            .add_service(pb::session_service_server::SessionServiceServer::new(
+                service::session::SessionApi::new(core.clone()),
+            ))
+            .add_service(pb::agent_service_server::AgentServiceServer::new(
+                service::agent::AgentApi::new(core.clone()),
+            ));
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let stop = cancel.clone();
+        tasks.spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+        tasks.spawn(reaper::run(core, cancel.clone()));
+        tracing::info!(%grpc_addr, public_key = %hex::encode(public_key.as_bytes()), "coordinator started");
+
+        Ok(CoordinatorHandle {
+            grpc_addr,
+            public_key,
+            cancel,
+            tasks,
+        })
+    }
+}
+
+/// A running coordinator. Dropping it aborts its tasks; [`CoordinatorHandle::shutdown`]
+/// stops them in order.
+pub struct CoordinatorHandle {
+    grpc_addr: SocketAddr,
+    public_key: VerifyingKey,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl CoordinatorHandle {
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// `http://IP:PORT` for tonic clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// The key that verifies every token this coordinator signs.
+    pub fn public_key(&self) -> VerifyingKey {
+        self.public_key
+    }
+
+    /// Requests graceful shutdown. Returns once all tasks have stopped: the server stops
+    /// accepting, open watch streams end, in-flight calls finish, the reaper stops.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        while let Some(result) = self.tasks.join_next().await {
+            if let Err(e) = result
+                && e.is_panic()
+            {
+                tracing::error!(error = %e, "coordinator task panicked");
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The coordinator's configuration and the set of backends it runs on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+
+use crate::backend::codes::{CodeStore, InMemoryCodeStore, MAX_CODE_DIGITS, MIN_CODE_DIGITS};
+use crate::backend::events::{EventBus, InMemoryEventBus};
+use crate::backend::relays::{RelayDirectory, RelayInfo, StaticRelayDirectory};
+use crate::backend::sessions::{InMemorySessionStore, SessionStore};
+use crate::error::StartError;
+use crate::random::{self, RandomError};
+
+/// Everything a coordinator needs to run. Build it directly in tests; `main.rs` fills it
+/// from flags.
+#[derive(Clone)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    /// Signs every token of this cluster; relays hold the public half.
+    pub signing_key: SigningKey,
+    pub code_digits: usize,
+    pub code_ttl: Duration,
+    pub default_max_duration: Duration,
+    pub max_max_duration: Duration,
+    pub relays: Vec<RelayInfo>,
+}
+
+impl std::fmt::Debug for CoordinatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The signing key is a secret: show only its public half.
+        f.debug_struct("CoordinatorConfig")
+            .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field(
+                "public_key",
+                &hex::encode(self.signing_key.verifying_key().as_bytes()),
+            )
+            .field("code_digits", &self.code_digits)
+            .field("code_ttl", &self.code_ttl)
+            .field("default_max_duration", &self.default_max_duration)
+            .field("max_max_duration", &self.max_max_duration)
+            .field("relays", &self.relays)
+            .finish()
+    }
+}
+
+/// A fresh random Ed25519 signing key from the OS.
+pub fn generate_signing_key() -> Result<SigningKey, RandomError> {
+    Ok(SigningKey::from_bytes(&random::bytes::<32>()?))
+}
+
+impl CoordinatorConfig {
+    /// A laptop configuration: 127.0.0.1:0, a fresh random signing key, 6-digit codes
+    /// live for 10 minutes, 40-minute sessions by default, 4 hours at most.
+    ///
+    /// # Panics
+    /// If the operating system has no randomness to give, which leaves nothing to do.
+    pub fn dev(relays: Vec<RelayInfo>) -> Self {
+        let signing_key =
+            generate_signing_key().expect("the OS must provide randomness for a signing key");
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: None,
+            signing_key,
+            code_digits: 6,
+            code_ttl: Duration::from_secs(10 * 60),
+            default_max_duration: Duration::from_secs(40 * 60),
+            max_max_duration: Duration::from_secs(4 * 3600),
+            relays,
+        }
+    }
+
+    /// Refuses configurations the coordinator cannot honour.
+    pub fn validate(&self) -> Result<(), StartError> {
+        let bad = |s: String| Err(StartError::Config(s));
+        if !(MIN_CODE_DIGITS..=MAX_CODE_DIGITS).contains(&self.code_digits) {
+            return bad(format!(
+                "code digits must be {MIN_CODE_DIGITS}..={MAX_CODE_DIGITS}, got {}",
+                self.code_digits
+            ));
+        }
+        if self.code_ttl.is_zero() {
+            return bad("code TTL must be positive".into());
+        }
+        if self.default_max_duration.is_zero() || self.max_max_duration.is_zero() {
+            return bad("session durations must be positive".into());
+        }
+        if self.default_max_duration > self.max_max_duration {
+            return bad(format!(
+                "default max duration {:?} exceeds the maximum {:?}",
+                self.default_max_duration, self.max_max_duration
+            ));
+        }
+        for r in &self.relays {
+            validate_relay(r).map_err(StartError::Config)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks one relay entry; the message names the relay and the field.
+pub fn validate_relay(r: &RelayInfo) -> Result<(), String> {
+    if r.relay_id.is_empty() || r.relay_id.len() > kakehashi_proto::token::MAX_RELAY_ID_LEN {
+        return Err(format!(
+            "relay id {:?} must be 1..={} bytes",
+            r.relay_id,
+            kakehashi_proto::token::MAX_RELAY_ID_LEN
+        ));
+    }
+    if r.quic_addr.is_empty() {
+        return Err(format!("relay {}: QUIC address is empty", r.relay_id));
+    }
+    if !(r.admin_url.starts_with("http://") || r.admin_url.starts_with("https://")) {
+        return Err(format!(
+            "relay {}: admin URL {:?} must start with http:// or https://",
+            r.relay_id, r.admin_url
+        ));
+    }
+    if r.server_name.is_empty() {
+        return Err(format!("relay {}: server name is empty", r.relay_id));
+    }
+    Ok(())
+}
+
+/// The storage the coordinator runs on. Clone-cheap.
+#[derive(Clone)]
+pub struct Backends {
+    pub codes: Arc<dyn CodeStore>,
+    pub sessions: Arc<dyn SessionStore>,
+    pub events: Arc<dyn EventBus>,
+    pub relays: Arc<dyn RelayDirectory>,
+}
+
+impl Backends {
+    /// Everything in this process: the embedded default, and what tests use.
+    pub fn in_memory(relays: Vec<RelayInfo>) -> Self {
+        Self {
+            codes: Arc::new(InMemoryCodeStore::new()),
+            sessions: Arc::new(InMemorySessionStore::new()),
+            events: Arc::new(InMemoryEventBus::new()),
+            relays: Arc::new(StaticRelayDirectory::new(relays)),
+        }
+    }
+}

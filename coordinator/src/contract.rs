@@ -1,0 +1,352 @@
+//! The behaviour every backend implementation must show, as plain async functions that
+//! panic on a violation. This crate runs them against the in-memory backends; the Redis
+//! and etcd backends run the same functions against real servers.
+//!
+//! Each function takes fresh-enough backends: it uses random session ids and tenants so
+//! several can share one server. [`relay_directory_places_least_loaded`] needs a
+//! directory holding exactly the relays of [`sample_relays`] with no sessions placed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kakehashi_proto::{Mode, Permissions, SessionId, pb};
+
+use crate::backend::codes::CodeStore;
+use crate::backend::events::EventBus;
+use crate::backend::relays::{RelayDirectory, RelayInfo};
+use crate::backend::sessions::{ListFilter, SessionRecord, SessionStore};
+use crate::config::Backends;
+use crate::random;
+
+/// Two relays for directory tests.
+pub fn sample_relays() -> Vec<RelayInfo> {
+    (1..=2)
+        .map(|i| RelayInfo {
+            relay_id: format!("contract-r{i}"),
+            quic_addr: format!("127.0.0.1:{}", 4430 + i),
+            admin_url: format!("http://127.0.0.1:{}", 4440 + i),
+            server_name: "localhost".into(),
+            cert_sha256: [i as u8; 32],
+            region: "test".into(),
+        })
+        .collect()
+}
+
+fn fresh_id() -> SessionId {
+    SessionId::from_bytes(random::bytes::<16>().expect("OS randomness"))
+}
+
+fn fresh_tenant() -> String {
+    format!(
+        "tenant-{}",
+        hex::encode(random::bytes::<6>().expect("OS randomness"))
+    )
+}
+
+/// A waiting session record for store tests.
+pub fn sample_record(id: SessionId, tenant: &str, created_at_ms: i64) -> SessionRecord {
+    SessionRecord {
+        id,
+        version: 0,
+        tenant: tenant.to_owned(),
+        operator: "op".into(),
+        mode: Mode::Control,
+        permissions: Permissions::VIEW | Permissions::CONTROL,
+        state: pb::SessionState::Waiting,
+        relay: sample_relays().remove(0),
+        created_at_ms,
+        deadline_ms: created_at_ms + 60_000,
+        code_expires_at_ms: created_at_ms + 30_000,
+        code: "000000".into(),
+        granted: Permissions::NONE,
+        end_reason: pb::EndReason::Unspecified,
+        end_detail: String::new(),
+        ticket_sha256: [7; 32],
+        host_participant: None,
+    }
+}
+
+/// Codes have the asked length, are unique among live codes, and redeem exactly once.
+pub async fn code_store_allocates_and_redeems_once(codes: &dyn CodeStore) {
+    let ttl = Duration::from_secs(60);
+    let mut seen = std::collections::HashSet::new();
+    let mut issued = Vec::new();
+    for _ in 0..50 {
+        let id = fresh_id();
+        let code = codes.allocate(id, 6, ttl).await.expect("allocate");
+        assert_eq!(code.len(), 6, "code {code:?} has the asked length");
+        assert!(
+            code.bytes().all(|b| b.is_ascii_digit()),
+            "code {code:?} is numeric"
+        );
+        assert!(
+            seen.insert(code.clone()),
+            "code {code:?} is unique among live codes"
+        );
+        issued.push((code, id));
+    }
+    for (code, id) in &issued {
+        assert_eq!(codes.redeem(code).await.expect("redeem"), Some(*id));
+        assert_eq!(
+            codes.redeem(code).await.expect("redeem again"),
+            None,
+            "single use"
+        );
+    }
+}
+
+/// Under concurrent redeems of one code, exactly one caller gets the session.
+pub async fn code_store_concurrent_redeem_has_one_winner(codes: Arc<dyn CodeStore>) {
+    let id = fresh_id();
+    let code = codes
+        .allocate(id, 8, Duration::from_secs(60))
+        .await
+        .expect("allocate");
+    let attempts = (0..16).map(|_| {
+        let codes = codes.clone();
+        let code = code.clone();
+        async move { codes.redeem(&code).await.expect("redeem") }
+    });
+    let results = futures::future::join_all(attempts).await;
+    let winners: Vec<_> = results.into_iter().flatten().collect();
+    assert_eq!(winners, vec![id], "exactly one redeem wins");
+}
+
+/// Expired and revoked codes redeem to nothing; unknown codes too.
+pub async fn code_store_expired_and_revoked_codes_are_gone(codes: &dyn CodeStore) {
+    let expired = codes
+        .allocate(fresh_id(), 6, Duration::ZERO)
+        .await
+        .expect("allocate");
+    assert_eq!(codes.redeem(&expired).await.expect("redeem"), None);
+    let revoked = codes
+        .allocate(fresh_id(), 6, Duration::from_secs(60))
+        .await
+        .expect("allocate");
+    codes.revoke(&revoked).await.expect("revoke");
+    assert_eq!(codes.redeem(&revoked).await.expect("redeem"), None);
+    codes
+        .revoke("123456789012")
+        .await
+        .expect("revoking an unknown code is fine");
+    codes.purge_expired().await.expect("purge");
+    assert!(
+        codes
+            .allocate(fresh_id(), 3, Duration::from_secs(1))
+            .await
+            .is_err(),
+        "code lengths outside 4..=12 are refused"
+    );
+}
+
+/// Insert never overwrites; compare-and-swap writes only at the expected version.
+pub async fn session_store_insert_get_and_cas(sessions: &dyn SessionStore) {
+    let id = fresh_id();
+    let record = sample_record(id, &fresh_tenant(), 1_000);
+    assert_eq!(sessions.get(id).await.expect("get"), None);
+    sessions.insert(record.clone()).await.expect("insert");
+    assert!(
+        sessions.insert(record.clone()).await.is_err(),
+        "insert never overwrites"
+    );
+    assert_eq!(sessions.get(id).await.expect("get"), Some(record.clone()));
+
+    let mut changed = record.clone();
+    changed.state = pb::SessionState::Joined;
+    changed.host_participant = Some(9);
+    assert!(
+        sessions
+            .compare_and_swap(0, changed.clone())
+            .await
+            .expect("cas")
+    );
+    let stored = sessions.get(id).await.expect("get").expect("present");
+    assert_eq!(stored.version, 1);
+    assert_eq!(stored.state, pb::SessionState::Joined);
+    assert_eq!(stored.host_participant, Some(9));
+
+    let mut stale = record.clone();
+    stale.state = pb::SessionState::Ended;
+    assert!(
+        !sessions.compare_and_swap(0, stale).await.expect("cas"),
+        "a stale version is refused"
+    );
+    assert_eq!(
+        sessions.get(id).await.expect("get").expect("present").state,
+        pb::SessionState::Joined
+    );
+    let missing = sample_record(fresh_id(), "t", 0);
+    assert!(
+        !sessions
+            .compare_and_swap(0, missing)
+            .await
+            .expect("cas on a missing record")
+    );
+}
+
+/// `list` filters by tenant and liveness, orders newest first and honours the limit;
+/// `due` finds sessions past their deadline or with an expired code while waiting.
+pub async fn session_store_list_and_due(sessions: &dyn SessionStore) {
+    let tenant = fresh_tenant();
+    let other = fresh_tenant();
+    let mut ids = Vec::new();
+    for created in [100, 300, 200] {
+        let id = fresh_id();
+        sessions
+            .insert(sample_record(id, &tenant, created))
+            .await
+            .expect("insert");
+        ids.push((created, id));
+    }
+    sessions
+        .insert(sample_record(fresh_id(), &other, 400))
+        .await
+        .expect("insert");
+    let mut ended = sample_record(fresh_id(), &tenant, 500);
+    ended.state = pb::SessionState::Ended;
+    sessions.insert(ended.clone()).await.expect("insert");
+
+    let live = sessions
+        .list(ListFilter {
+            tenant: Some(tenant.clone()),
+            include_ended: false,
+            limit: 10,
+        })
+        .await
+        .expect("list");
+    let order: Vec<i64> = live.iter().map(|r| r.created_at_ms).collect();
+    assert_eq!(
+        order,
+        vec![300, 200, 100],
+        "live sessions of the tenant, newest first"
+    );
+
+    let all = sessions
+        .list(ListFilter {
+            tenant: Some(tenant.clone()),
+            include_ended: true,
+            limit: 2,
+        })
+        .await
+        .expect("list");
+    let order: Vec<i64> = all.iter().map(|r| r.created_at_ms).collect();
+    assert_eq!(order, vec![500, 300], "ended included, limit honoured");
+
+    // At 100 + 30_000 the oldest session's code has expired while it still waits; at
+    // 100 + 60_000 its deadline has passed. The ended session is never due.
+    let due = sessions.due(100 + 30_000, 1000).await.expect("due");
+    assert!(
+        due.contains(&ids[0].1),
+        "waiting session with an expired code is due"
+    );
+    assert!(!due.contains(&ended.id), "ended sessions are never due");
+    let due = sessions.due(99, 1000).await.expect("due");
+    assert!(
+        !due.iter().any(|id| ids.iter().any(|(_, x)| x == id)),
+        "nothing due early"
+    );
+}
+
+fn event(session: SessionId, kind: pb::EventKind) -> pb::SessionEvent {
+    pb::SessionEvent {
+        session_id: session.to_string(),
+        seq: 0,
+        at_unix_ms: 1,
+        kind: kind as i32,
+        ..Default::default()
+    }
+}
+
+/// Seq starts at 1 per session; subscribers replay from the start, then follow live.
+pub async fn event_bus_orders_replays_and_follows(events: &dyn EventBus) {
+    let a = fresh_id();
+    let b = fresh_id();
+    let first = events
+        .publish(event(a, pb::EventKind::Created))
+        .await
+        .expect("publish");
+    assert_eq!(first.seq, 1);
+    let other = events
+        .publish(event(b, pb::EventKind::Created))
+        .await
+        .expect("publish");
+    assert_eq!(other.seq, 1, "seq is per session");
+    let second = events
+        .publish(event(a, pb::EventKind::CodeEntered))
+        .await
+        .expect("publish");
+    assert_eq!(second.seq, 2);
+
+    let mut stream = events.subscribe(a).await.expect("subscribe");
+    let replayed: Vec<u64> = stream
+        .by_ref()
+        .take(2)
+        .map(|e| e.expect("event").seq)
+        .collect()
+        .await;
+    assert_eq!(replayed, vec![1, 2], "replay from the start");
+
+    events
+        .publish(event(a, pb::EventKind::Ended))
+        .await
+        .expect("publish");
+    let live = stream.next().await.expect("stream open").expect("event");
+    assert_eq!((live.seq, live.kind), (3, pb::EventKind::Ended as i32));
+
+    let mut late = events.subscribe(a).await.expect("subscribe");
+    for want in 1..=3 {
+        let got = late.next().await.expect("stream open").expect("event");
+        assert_eq!(got.seq, want, "a late subscriber sees everything in order");
+    }
+}
+
+/// Placement goes to the relay with the fewest live sessions; release frees a place.
+pub async fn relay_directory_places_least_loaded(relays: &dyn RelayDirectory) {
+    let known = relays.list().await.expect("list");
+    let ids: Vec<String> = known.iter().map(|r| r.relay_id.clone()).collect();
+    assert_eq!(ids, vec!["contract-r1", "contract-r2"]);
+    let first = relays.pick().await.expect("pick").relay_id;
+    let second = relays.pick().await.expect("pick").relay_id;
+    assert_ne!(
+        first, second,
+        "the second session goes to the emptier relay"
+    );
+    relays.release(&first).await.expect("release");
+    assert_eq!(
+        relays.pick().await.expect("pick").relay_id,
+        first,
+        "freed place is reused"
+    );
+}
+
+/// Runs every contract function on one set of backends whose relay directory holds
+/// [`sample_relays`].
+pub async fn run_all(backends: &Backends) {
+    code_store_allocates_and_redeems_once(backends.codes.as_ref()).await;
+    code_store_concurrent_redeem_has_one_winner(backends.codes.clone()).await;
+    code_store_expired_and_revoked_codes_are_gone(backends.codes.as_ref()).await;
+    session_store_insert_get_and_cas(backends.sessions.as_ref()).await;
+    session_store_list_and_due(backends.sessions.as_ref()).await;
+    event_bus_orders_replays_and_follows(backends.events.as_ref()).await;
+    relay_directory_places_least_loaded(backends.relays.as_ref()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn in_memory_backends_pass_the_contract() {
+        run_all(&Backends::in_memory(sample_relays())).await;
+    }
+
+    #[tokio::test]
+    async fn an_empty_directory_refuses_placement() {
+        let backends = Backends::in_memory(Vec::new());
+        assert!(matches!(
+            backends.relays.pick().await,
+            Err(crate::backend::BackendError::NoRelays)
+        ));
+    }
+}

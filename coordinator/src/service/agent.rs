@@ -1,0 +1,202 @@
+//! `AgentService`: what the customer's and the operator's agents call.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kakehashi_proto::token::{self, Role};
+use kakehashi_proto::{pb, policy};
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use super::{Core, digests_equal};
+use crate::backend::sessions::SessionRecord;
+use crate::error::ApiError;
+use crate::{telemetry, validate};
+
+/// The tonic service; cheap to clone.
+#[derive(Clone)]
+pub struct AgentApi {
+    core: Arc<Core>,
+}
+
+impl AgentApi {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+impl Core {
+    fn join_response(&self, record: &SessionRecord, token: Vec<u8>) -> pb::JoinResponse {
+        pb::JoinResponse {
+            session: Some(record.to_pb()),
+            token,
+            relay: Some(record.relay.endpoint()),
+            coordinator_public_key: self.config.signing_key.verifying_key().to_bytes().to_vec(),
+        }
+    }
+
+    fn guesses_allowed(&self, source: IpAddr) -> bool {
+        let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        limiter.allows(source, Instant::now())
+    }
+
+    fn record_wrong_code(&self, source: IpAddr) {
+        metrics::counter!(telemetry::CODE_GUESS_FAILURES).increment(1);
+        let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        limiter.record_failure(source, Instant::now());
+    }
+
+    pub async fn join_by_code(
+        &self,
+        source: IpAddr,
+        req: pb::JoinByCodeRequest,
+    ) -> Result<pb::JoinResponse, ApiError> {
+        if !self.guesses_allowed(source) {
+            return Err(ApiError::GuessLimited(source));
+        }
+        let code = validate::code(&req.code)?;
+        let public_key = validate::public_key(&req.public_key)?;
+        let Some(id) = self.backends.codes.redeem(&code).await? else {
+            self.record_wrong_code(source);
+            return Err(ApiError::CodeNotFound);
+        };
+        let participant = Self::new_participant_id()?;
+        let record = self
+            .modify(id, |r| {
+                if r.is_ended() {
+                    return Err(ApiError::SessionEnded(id));
+                }
+                if r.state != pb::SessionState::Waiting {
+                    return Err(ApiError::NotWaiting {
+                        session: id,
+                        state: r.state.as_str_name(),
+                    });
+                }
+                r.state = pb::SessionState::Joined;
+                r.host_participant = Some(participant);
+                Ok(())
+            })
+            .await?;
+        self.publish(&record, pb::EventKind::CodeEntered).await?;
+        let token = self.participant_token(&record, Role::Host, participant, public_key)?;
+        metrics::counter!(telemetry::JOINS, "role" => "host").increment(1);
+        tracing::info!(session = %id, participant, "customer joined by code");
+        Ok(self.join_response(&record, token))
+    }
+
+    pub async fn join_as_operator(
+        &self,
+        req: pb::JoinAsOperatorRequest,
+    ) -> Result<pb::JoinResponse, ApiError> {
+        let id = validate::session_id(&req.session_id)?;
+        validate::ticket(&req.operator_ticket)?;
+        let public_key = validate::public_key(&req.public_key)?;
+        let record = self.get(id).await?;
+        let presented: [u8; 32] = Sha256::digest(req.operator_ticket.as_bytes()).into();
+        if !digests_equal(&presented, &record.ticket_sha256) {
+            return Err(ApiError::BadTicket(id));
+        }
+        if record.is_ended() {
+            return Err(ApiError::SessionEnded(id));
+        }
+        let participant = Self::new_participant_id()?;
+        self.publish(&record, pb::EventKind::OperatorJoined).await?;
+        let token = self.participant_token(&record, Role::Viewer, participant, public_key)?;
+        metrics::counter!(telemetry::JOINS, "role" => "viewer").increment(1);
+        tracing::info!(session = %id, participant, "operator joined");
+        Ok(self.join_response(&record, token))
+    }
+
+    pub async fn report_consent(&self, req: pb::ReportConsentRequest) -> Result<(), ApiError> {
+        if req.token.len() > token::MAX_TOKEN_LEN {
+            return Err(ApiError::BadToken(token::TokenError::Malformed(
+                "longer than any valid token",
+            )));
+        }
+        let claims = token::verify(
+            &req.token,
+            &self.config.signing_key.verifying_key(),
+            kakehashi_proto::unix_now(),
+        )
+        .map_err(ApiError::BadToken)?;
+        claims
+            .expect_role(&[Role::Host])
+            .map_err(|_| ApiError::NotHost)?;
+        let granted = validate::permission_bits("granted", req.granted)?;
+        let denied = validate::permission_bits("denied", req.denied)?;
+        let id = claims.session_id;
+        let mut changed = false;
+        let record = self
+            .modify(id, |r| {
+                if r.is_ended() {
+                    return Err(ApiError::SessionEnded(id));
+                }
+                if r.host_participant != Some(claims.participant_id) {
+                    return Err(ApiError::NotHost);
+                }
+                let new = policy::cap_grant(granted, r.permissions, r.mode);
+                changed = new != r.granted;
+                r.granted = new;
+                if r.state == pb::SessionState::Joined
+                    && new.contains(kakehashi_proto::Permissions::VIEW)
+                {
+                    r.state = pb::SessionState::Active;
+                }
+                Ok(())
+            })
+            .await?;
+        if !record.granted.is_empty() || changed {
+            self.publish(&record, pb::EventKind::ConsentGiven).await?;
+        }
+        if !denied.is_empty() {
+            self.publish(&record, pb::EventKind::ConsentDenied).await?;
+        }
+        tracing::info!(session = %id, granted = %record.granted, denied = %denied, "consent reported");
+        Ok(())
+    }
+}
+
+/// The caller's address for the guess limiter; callers without one share a bucket.
+fn source_ip<T>(request: &Request<T>) -> IpAddr {
+    request
+        .remote_addr()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip())
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    async fn join_by_code(
+        &self,
+        request: Request<pb::JoinByCodeRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let source = source_ip(&request);
+        self.core
+            .join_by_code(source, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status("JoinByCode"))
+    }
+
+    async fn join_as_operator(
+        &self,
+        request: Request<pb::JoinAsOperatorRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        self.core
+            .join_as_operator(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status("JoinAsOperator"))
+    }
+
+    async fn report_consent(
+        &self,
+        request: Request<pb::ReportConsentRequest>,
+    ) -> Result<Response<pb::ReportConsentResponse>, Status> {
+        self.core
+            .report_consent(request.into_inner())
+            .await
+            .map(|()| Response::new(pb::ReportConsentResponse {}))
+            .map_err(|e| e.status("ReportConsent"))
+    }
+}

@@ -1,0 +1,101 @@
+//! An in-process cluster: one coordinator on the embedded backends and any number of
+//! relays, all on loopback ports chosen by the OS. Used by the dev command and the
+//! end-to-end tests; nothing in it is a stand-in — real gRPC, real QUIC.
+
+use anyhow::{Context, Result};
+use ed25519_dalek::SigningKey;
+use kakehashi_coordinator::{Backends, Coordinator, CoordinatorConfig, CoordinatorHandle, RelayInfo};
+use kakehashi_relay::{Relay, RelayConfig, RelayHandle};
+
+pub struct LocalCluster {
+    pub coordinator: CoordinatorHandle,
+    pub relays: Vec<RelayHandle>,
+}
+
+/// Builds a [`LocalCluster`]; the hooks let tests adjust each config before start.
+pub struct ClusterBuilder {
+    relays: usize,
+    relay_config: Box<dyn Fn(usize, &mut RelayConfig) + Send>,
+    coordinator_config: Box<dyn Fn(&mut CoordinatorConfig) + Send>,
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self {
+            relays: 1,
+            relay_config: Box::new(|_, _| {}),
+            coordinator_config: Box::new(|_| {}),
+        }
+    }
+}
+
+impl ClusterBuilder {
+    pub fn relays(mut self, n: usize) -> Self {
+        self.relays = n;
+        self
+    }
+
+    pub fn relay_config(mut self, f: impl Fn(usize, &mut RelayConfig) + Send + 'static) -> Self {
+        self.relay_config = Box::new(f);
+        self
+    }
+
+    pub fn coordinator_config(mut self, f: impl Fn(&mut CoordinatorConfig) + Send + 'static) -> Self {
+        self.coordinator_config = Box::new(f);
+        self
+    }
+
+    pub async fn start(self) -> Result<LocalCluster> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).context("no randomness for the signing key")?;
+        let signing_key = SigningKey::from_bytes(&seed);
+        let mut relays = Vec::with_capacity(self.relays);
+        for i in 0..self.relays {
+            let mut config = RelayConfig::dev(format!("relay-{}", i + 1), signing_key.verifying_key());
+            (self.relay_config)(i, &mut config);
+            relays.push(Relay::start(config).await.context("relay failed to start")?);
+        }
+        let infos = relays.iter().map(relay_info).collect::<Vec<_>>();
+        let mut config = CoordinatorConfig::dev(infos.clone());
+        config.signing_key = signing_key;
+        (self.coordinator_config)(&mut config);
+        let coordinator = Coordinator::start(config, Backends::in_memory(infos))
+            .await
+            .context("coordinator failed to start")?;
+        Ok(LocalCluster {
+            coordinator,
+            relays,
+        })
+    }
+}
+
+/// How a coordinator learns about an in-process relay.
+pub fn relay_info(relay: &RelayHandle) -> RelayInfo {
+    let ep = relay.endpoint();
+    RelayInfo {
+        relay_id: ep.relay_id,
+        quic_addr: ep.address,
+        admin_url: relay.admin_url(),
+        server_name: ep.server_name,
+        cert_sha256: relay.cert_sha256(),
+        region: String::new(),
+    }
+}
+
+impl LocalCluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    pub fn coordinator_url(&self) -> String {
+        self.coordinator.url()
+    }
+
+    /// Stops the coordinator, then every relay.
+    pub async fn shutdown(self) {
+        self.coordinator.shutdown().await;
+        for relay in self.relays {
+            relay.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The dev command: starts a coordinator and a relay on the embedded backends, then
+//! drives one real session through them — create, code, join, consent, frames both
+//! ways, end — printing each step and the frame-latency percentiles.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use kakehashi_agent::{Consent, Host, HostConfig, HostEvent, Viewer, ViewerConfig, ViewerEvent};
+use kakehashi_proto::pb::{self, session_service_client::SessionServiceClient};
+use kakehashi_proto::Permissions;
+use tokio::time::timeout;
+
+use crate::cluster::LocalCluster;
+use crate::latency::{LatencyRecorder, Percentiles};
+
+/// What the dev session sends.
+#[derive(Debug, Clone, Copy)]
+pub struct DevOptions {
+    pub frames: u32,
+    pub fps: u32,
+    pub frame_bytes: usize,
+}
+
+impl Default for DevOptions {
+    fn default() -> Self {
+        Self {
+            frames: 150,
+            fps: 30,
+            frame_bytes: 20_000,
+        }
+    }
+}
+
+/// What the dev session measured.
+#[derive(Debug, Clone)]
+pub struct DevReport {
+    pub latency: Percentiles,
+    pub frames_sent: u32,
+    pub frames_received: u64,
+    pub inputs_delivered: u32,
+    pub chats_delivered: u32,
+    pub events: Vec<String>,
+}
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn step(n: u32, text: impl AsRef<str>) {
+    println!("[{n}] {}", text.as_ref());
+}
+
+pub async fn run(opts: DevOptions) -> Result<DevReport> {
+    ensure!(opts.fps > 0 && opts.frames > 0, "--fps and --frames must be positive");
+    let cluster = LocalCluster::builder().start().await?;
+    let result = drive(&cluster, opts).await;
+    cluster.shutdown().await;
+    result
+}
+
+async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
+    let url = cluster.coordinator_url();
+    let relay = &cluster.relays[0];
+    step(
+        1,
+        format!(
+            "cluster up: coordinator {url} (embedded backends), relay {} at {} (cert sha256 {}…)",
+            relay.relay_id(),
+            relay.quic_addr(),
+            &hex::encode(relay.cert_sha256())[..16]
+        ),
+    );
+
+    let mut api = SessionServiceClient::connect(url.clone())
+        .await
+        .context("connect to the coordinator")?;
+    let created = api
+        .create_session(pb::CreateSessionRequest {
+            tenant: "demo-callcenter".into(),
+            operator: "operator-1".into(),
+            mode: pb::SessionMode::Control as i32,
+            permissions: 0,
+            max_duration_secs: 600,
+        })
+        .await
+        .context("CreateSession")?
+        .into_inner();
+    let session = created.session.context("CreateSession returned no session")?;
+    step(
+        2,
+        format!(
+            "call-center software created session {} (mode control); code to read to the customer: {}",
+            session.session_id, created.code
+        ),
+    );
+
+    let mut watch = api
+        .watch_session(pb::WatchSessionRequest {
+            session_id: session.session_id.clone(),
+        })
+        .await
+        .context("WatchSession")?
+        .into_inner();
+    let watcher = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Ok(Some(ev)) = watch.message().await {
+            let kind = ev.kind().as_str_name().trim_start_matches("EVENT_KIND_").to_owned();
+            println!("    event #{}: {kind}", ev.seq);
+            let ended = ev.kind() == pb::EventKind::Ended;
+            seen.push(if ended {
+                format!("{kind}({})", ev.end_reason().as_str_name())
+            } else {
+                kind
+            });
+            if ended {
+                break;
+            }
+        }
+        seen
+    });
+
+    let mut viewer = Viewer::join(
+        &url,
+        &session.session_id,
+        &created.operator_ticket,
+        ViewerConfig {
+            request_on_join: Some((Permissions::CONTROL, "to change your settings".into())),
+        },
+    )
+    .await
+    .context("operator's viewer failed to join")?;
+    step(3, "operator's viewer attached to the relay (asks for control on join)");
+
+    let mut host = Host::join(
+        &url,
+        &created.code,
+        HostConfig {
+            consent: Consent::Approve(Permissions::VIEW | Permissions::CONTROL),
+        },
+    )
+    .await
+    .context("customer's agent failed to join by code")?;
+    step(4, "customer's agent entered the code and attached (scripted approval: view, control)");
+
+    // Wait for both to verify each other and for the grants to reach the viewer.
+    let wanted = Permissions::VIEW | Permissions::CONTROL;
+    let (mut host_sas, mut viewer_sas) = (None, None);
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while host_sas.is_none() || viewer_sas.is_none() || !viewer.granted().contains(wanted) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::select! {
+            ev = host.next_event() => match ev.context("host ended early")? {
+                HostEvent::PeerJoined { sas, .. } => host_sas = Some(sas),
+                HostEvent::Ended { reason, detail } => bail!("session ended early: {reason:?} {detail}"),
+                _ => {}
+            },
+            ev = viewer.next_event() => match ev.context("viewer ended early")? {
+                ViewerEvent::PeerJoined { sas } => viewer_sas = Some(sas),
+                ViewerEvent::Ended { reason, detail } => bail!("session ended early: {reason:?} {detail}"),
+                _ => {}
+            },
+            _ = tokio::time::sleep(left) => bail!("consent did not complete within {STEP_TIMEOUT:?}"),
+        }
+    }
+    ensure!(host_sas == viewer_sas, "SAS mismatch: {host_sas:?} vs {viewer_sas:?}");
+    step(
+        5,
+        format!(
+            "both sides show SAS {} — the customer said yes: granted {}",
+            host_sas.unwrap_or_default(),
+            viewer.granted()
+        ),
+    );
+
+    step(
+        6,
+        format!(
+            "streaming {} screen frames of {} B at {} fps host → viewer, with input and chat both ways",
+            opts.frames, opts.frame_bytes, opts.fps
+        ),
+    );
+    let mut latency = LatencyRecorder::new();
+    let mut frames_received = 0u64;
+    let (mut inputs, mut host_chats, mut viewer_chats) = (0u32, 0u32, 0u32);
+    let mut inputs_sent = 0u32;
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / opts.fps);
+    let mut sent = 0u32;
+    let pattern: Vec<u8> = (0..opts.frame_bytes).map(|i| (i % 251) as u8).collect();
+    host.send_chat("こんにちは、画面が見えますか？").await?;
+    viewer.send_chat("はい、見えます。設定を開きますね。").await?;
+    let drain_until = loop {
+        tokio::select! {
+            _ = tick.tick(), if sent < opts.frames => {
+                let frame = pb::ScreenFrame {
+                    width: 1280,
+                    height: 720,
+                    key_frame: sent % 30 == 0,
+                    data: pattern.clone(),
+                };
+                host.send_screen(frame).await?;
+                sent += 1;
+                if sent % 10 == 0 {
+                    let input = pb::InputEvent {
+                        kind: Some(pb::input_event::Kind::PointerMove(pb::PointerMove {
+                            x: sent as i32,
+                            y: 100,
+                        })),
+                    };
+                    if viewer.send_input(input).await? {
+                        inputs_sent += 1;
+                    }
+                }
+            }
+            ev = host.next_event() => match ev.context("host ended early")? {
+                HostEvent::Input(_) => inputs += 1,
+                HostEvent::Chat(_) => host_chats += 1,
+                HostEvent::Ended { reason, detail } => bail!("session ended early: {reason:?} {detail}"),
+                _ => {}
+            },
+            ev = viewer.next_event() => match ev.context("viewer ended early")? {
+                ViewerEvent::Screen { latency_us, .. } => {
+                    frames_received += 1;
+                    latency.record_us(latency_us.max(0) as u64);
+                }
+                ViewerEvent::Chat(_) => viewer_chats += 1,
+                ViewerEvent::Ended { reason, detail } => bail!("session ended early: {reason:?} {detail}"),
+                _ => {}
+            },
+        }
+        if sent >= opts.frames
+            && frames_received >= u64::from(sent)
+            && inputs >= inputs_sent
+            && host_chats >= 1
+            && viewer_chats >= 1
+        {
+            break Instant::now();
+        }
+    };
+    let _ = drain_until;
+    let summary = latency.summary();
+    step(
+        7,
+        format!(
+            "viewer received {frames_received}/{sent} frames; host received {inputs}/{inputs_sent} input events; chat delivered both ways"
+        ),
+    );
+
+    api.end_session(pb::EndSessionRequest {
+        session_id: session.session_id.clone(),
+        detail: "issue resolved".into(),
+    })
+    .await
+    .context("EndSession")?;
+    let host_end = wait_host_end(&mut host).await?;
+    let viewer_end = wait_viewer_end(&mut viewer).await?;
+    step(
+        8,
+        format!(
+            "operator ended the session via the API: customer saw {}, operator saw {}",
+            host_end.as_str_name(),
+            viewer_end.as_str_name()
+        ),
+    );
+    let events = timeout(STEP_TIMEOUT, watcher)
+        .await
+        .context("watch stream did not close after the session ended")?
+        .context("watch task failed")?;
+
+    println!();
+    println!("frame latency host → relay → viewer (µs, same clock): {summary}");
+    Ok(DevReport {
+        latency: summary,
+        frames_sent: sent,
+        frames_received,
+        inputs_delivered: inputs,
+        chats_delivered: host_chats + viewer_chats,
+        events,
+    })
+}
+
+async fn wait_host_end(host: &mut Host) -> Result<pb::EndReason> {
+    timeout(STEP_TIMEOUT, async {
+        while let Some(ev) = host.next_event().await {
+            if let HostEvent::Ended { reason, .. } = ev {
+                return Ok(reason);
+            }
+        }
+        bail!("host event stream closed without an end")
+    })
+    .await
+    .context("host did not see the end")?
+}
+
+async fn wait_viewer_end(viewer: &mut Viewer) -> Result<pb::EndReason> {
+    timeout(STEP_TIMEOUT, async {
+        while let Some(ev) = viewer.next_event().await {
+            if let ViewerEvent::Ended { reason, .. } = ev {
+                return Ok(reason);
+            }
+        }
+        bail!("viewer event stream closed without an end")
+    })
+    .await
+    .context("viewer did not see the end")?
+}

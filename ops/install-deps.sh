@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the system packages the test suite needs, if any is missing:
+# redis-server and etcd (real backends for tests) and protoc (etcd-client's build).
+# Debian/Ubuntu only; needs root or sudo. Safe to run repeatedly.
+set -euo pipefail
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server redis-tools)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server etcd-client)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -eq 0 ]; then sudo=(); elif command -v sudo >/dev/null 2>&1; then sudo=(sudo); else
+  echo "missing packages: ${need[*]} (install them, or run as root)" >&2
+  exit 1
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "missing packages: ${need[*]}; this script knows only apt-get, install them by hand" >&2
+  exit 1
+fi
+echo "installing: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+# Debian's packages start their own daemons where they can; tests start private ones on
+# free ports and never use those.
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
