@@ -4,19 +4,26 @@
 
 use anyhow::{Context, Result};
 use ed25519_dalek::SigningKey;
-use kakehashi_coordinator::{Backends, Coordinator, CoordinatorConfig, CoordinatorHandle, RelayInfo};
+use kakehashi_coordinator::{
+    Backends, Coordinator, CoordinatorConfig, CoordinatorHandle, RelayInfo,
+};
 use kakehashi_relay::{Relay, RelayConfig, RelayHandle};
 
 pub struct LocalCluster {
     pub coordinator: CoordinatorHandle,
     pub relays: Vec<RelayHandle>,
+    /// The cluster's token-signing key, for tests that forge or craft tokens.
+    pub signing_key: SigningKey,
 }
+
+type RelayHook = Box<dyn Fn(usize, &mut RelayConfig) + Send>;
+type CoordinatorHook = Box<dyn Fn(&mut CoordinatorConfig) + Send>;
 
 /// Builds a [`LocalCluster`]; the hooks let tests adjust each config before start.
 pub struct ClusterBuilder {
     relays: usize,
-    relay_config: Box<dyn Fn(usize, &mut RelayConfig) + Send>,
-    coordinator_config: Box<dyn Fn(&mut CoordinatorConfig) + Send>,
+    relay_config: RelayHook,
+    coordinator_config: CoordinatorHook,
 }
 
 impl Default for ClusterBuilder {
@@ -40,7 +47,10 @@ impl ClusterBuilder {
         self
     }
 
-    pub fn coordinator_config(mut self, f: impl Fn(&mut CoordinatorConfig) + Send + 'static) -> Self {
+    pub fn coordinator_config(
+        mut self,
+        f: impl Fn(&mut CoordinatorConfig) + Send + 'static,
+    ) -> Self {
         self.coordinator_config = Box::new(f);
         self
     }
@@ -51,13 +61,18 @@ impl ClusterBuilder {
         let signing_key = SigningKey::from_bytes(&seed);
         let mut relays = Vec::with_capacity(self.relays);
         for i in 0..self.relays {
-            let mut config = RelayConfig::dev(format!("relay-{}", i + 1), signing_key.verifying_key());
+            let mut config =
+                RelayConfig::dev(format!("relay-{}", i + 1), signing_key.verifying_key());
             (self.relay_config)(i, &mut config);
-            relays.push(Relay::start(config).await.context("relay failed to start")?);
+            relays.push(
+                Relay::start(config)
+                    .await
+                    .context("relay failed to start")?,
+            );
         }
         let infos = relays.iter().map(relay_info).collect::<Vec<_>>();
         let mut config = CoordinatorConfig::dev(infos.clone());
-        config.signing_key = signing_key;
+        config.signing_key = signing_key.clone();
         (self.coordinator_config)(&mut config);
         let coordinator = Coordinator::start(config, Backends::in_memory(infos))
             .await
@@ -65,6 +80,7 @@ impl ClusterBuilder {
         Ok(LocalCluster {
             coordinator,
             relays,
+            signing_key,
         })
     }
 }

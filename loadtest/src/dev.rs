@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use kakehashi_agent::{Consent, Host, HostConfig, HostEvent, Viewer, ViewerConfig, ViewerEvent};
-use kakehashi_proto::pb::{self, session_service_client::SessionServiceClient};
 use kakehashi_proto::Permissions;
+use kakehashi_proto::pb::{self, session_service_client::SessionServiceClient};
 use tokio::time::timeout;
 
 use crate::cluster::LocalCluster;
@@ -49,7 +49,10 @@ fn step(n: u32, text: impl AsRef<str>) {
 }
 
 pub async fn run(opts: DevOptions) -> Result<DevReport> {
-    ensure!(opts.fps > 0 && opts.frames > 0, "--fps and --frames must be positive");
+    ensure!(
+        opts.fps > 0 && opts.frames > 0,
+        "--fps and --frames must be positive"
+    );
     let cluster = LocalCluster::builder().start().await?;
     let result = drive(&cluster, opts).await;
     cluster.shutdown().await;
@@ -83,7 +86,9 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
         .await
         .context("CreateSession")?
         .into_inner();
-    let session = created.session.context("CreateSession returned no session")?;
+    let session = created
+        .session
+        .context("CreateSession returned no session")?;
     step(
         2,
         format!(
@@ -102,7 +107,11 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
     let watcher = tokio::spawn(async move {
         let mut seen = Vec::new();
         while let Ok(Some(ev)) = watch.message().await {
-            let kind = ev.kind().as_str_name().trim_start_matches("EVENT_KIND_").to_owned();
+            let kind = ev
+                .kind()
+                .as_str_name()
+                .trim_start_matches("EVENT_KIND_")
+                .to_owned();
             println!("    event #{}: {kind}", ev.seq);
             let ended = ev.kind() == pb::EventKind::Ended;
             seen.push(if ended {
@@ -127,7 +136,10 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
     )
     .await
     .context("operator's viewer failed to join")?;
-    step(3, "operator's viewer attached to the relay (asks for control on join)");
+    step(
+        3,
+        "operator's viewer attached to the relay (asks for control on join)",
+    );
 
     let mut host = Host::join(
         &url,
@@ -138,7 +150,10 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
     )
     .await
     .context("customer's agent failed to join by code")?;
-    step(4, "customer's agent entered the code and attached (scripted approval: view, control)");
+    step(
+        4,
+        "customer's agent entered the code and attached (scripted approval: view, control)",
+    );
 
     // Wait for both to verify each other and for the grants to reach the viewer.
     let wanted = Permissions::VIEW | Permissions::CONTROL;
@@ -160,7 +175,10 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
             _ = tokio::time::sleep(left) => bail!("consent did not complete within {STEP_TIMEOUT:?}"),
         }
     }
-    ensure!(host_sas == viewer_sas, "SAS mismatch: {host_sas:?} vs {viewer_sas:?}");
+    ensure!(
+        host_sas == viewer_sas,
+        "SAS mismatch: {host_sas:?} vs {viewer_sas:?}"
+    );
     step(
         5,
         format!(
@@ -185,19 +203,21 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
     let mut sent = 0u32;
     let pattern: Vec<u8> = (0..opts.frame_bytes).map(|i| (i % 251) as u8).collect();
     host.send_chat("こんにちは、画面が見えますか？").await?;
-    viewer.send_chat("はい、見えます。設定を開きますね。").await?;
-    let drain_until = loop {
+    viewer
+        .send_chat("はい、見えます。設定を開きますね。")
+        .await?;
+    loop {
         tokio::select! {
             _ = tick.tick(), if sent < opts.frames => {
                 let frame = pb::ScreenFrame {
                     width: 1280,
                     height: 720,
-                    key_frame: sent % 30 == 0,
+                    key_frame: sent.is_multiple_of(30),
                     data: pattern.clone(),
                 };
                 host.send_screen(frame).await?;
                 sent += 1;
-                if sent % 10 == 0 {
+                if sent.is_multiple_of(10) {
                     let input = pb::InputEvent {
                         kind: Some(pb::input_event::Kind::PointerMove(pb::PointerMove {
                             x: sent as i32,
@@ -231,10 +251,9 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
             && host_chats >= 1
             && viewer_chats >= 1
         {
-            break Instant::now();
+            break;
         }
-    };
-    let _ = drain_until;
+    }
     let summary = latency.summary();
     step(
         7,

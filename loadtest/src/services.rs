@@ -175,7 +175,8 @@ impl TempDir {
         let mut rand = [0u8; 8];
         getrandom::fill(&mut rand).context("no randomness")?;
         let dir = std::env::temp_dir().join(format!("kakehashi-{what}-{}", hex::encode(rand)));
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Self(dir))
     }
 }
