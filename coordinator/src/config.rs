@@ -25,6 +25,8 @@ pub struct CoordinatorConfig {
     pub code_ttl: Duration,
     pub default_max_duration: Duration,
     pub max_max_duration: Duration,
+    /// The configured relays, checked at start. The in-memory directory is built from
+    /// the same list (`Backends::in_memory(config.relays.clone())`).
     pub relays: Vec<RelayInfo>,
 }
 

@@ -62,6 +62,7 @@ pub fn sample_record(id: SessionId, tenant: &str, created_at_ms: i64) -> Session
         granted: Permissions::NONE,
         end_reason: pb::EndReason::Unspecified,
         end_detail: String::new(),
+        ended_at_ms: 0,
         ticket_sha256: [7; 32],
         host_participant: None,
     }
@@ -205,6 +206,7 @@ pub async fn session_store_list_and_due(sessions: &dyn SessionStore) {
         .expect("insert");
     let mut ended = sample_record(fresh_id(), &tenant, 500);
     ended.state = pb::SessionState::Ended;
+    ended.ended_at_ms = 600;
     sessions.insert(ended.clone()).await.expect("insert");
 
     let live = sessions
@@ -246,6 +248,21 @@ pub async fn session_store_list_and_due(sessions: &dyn SessionStore) {
         !due.iter().any(|id| ids.iter().any(|(_, x)| x == id)),
         "nothing due early"
     );
+
+    // Purging removes only records that ended before the cut-off.
+    let purged = sessions.purge_ended(600, 1000).await.expect("purge");
+    assert!(
+        !purged.contains(&ended.id),
+        "ended exactly at the cut-off is kept"
+    );
+    let purged = sessions.purge_ended(601, 1000).await.expect("purge");
+    assert!(purged.contains(&ended.id));
+    assert!(
+        !purged.iter().any(|id| ids.iter().any(|(_, x)| x == id)),
+        "live records stay"
+    );
+    assert_eq!(sessions.get(ended.id).await.expect("get"), None);
+    assert!(sessions.get(ids[0].1).await.expect("get").is_some());
 }
 
 fn event(session: SessionId, kind: pb::EventKind) -> pb::SessionEvent {
@@ -299,6 +316,19 @@ pub async fn event_bus_orders_replays_and_follows(events: &dyn EventBus) {
         let got = late.next().await.expect("stream open").expect("event");
         assert_eq!(got.seq, want, "a late subscriber sees everything in order");
     }
+
+    // A forgotten log starts over; other sessions keep theirs.
+    events.forget(a).await.expect("forget");
+    let restarted = events
+        .publish(event(a, pb::EventKind::Created))
+        .await
+        .expect("publish");
+    assert_eq!(restarted.seq, 1);
+    let next_b = events
+        .publish(event(b, pb::EventKind::Ended))
+        .await
+        .expect("publish");
+    assert_eq!(next_b.seq, 2);
 }
 
 /// Placement goes to the relay with the fewest live sessions; release frees a place.

@@ -146,10 +146,14 @@ pub enum StartError {
     },
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot start the metrics endpoint on {addr}: {source}")]
-    Metrics {
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    MetricsBind {
         addr: SocketAddr,
         #[source]
-        source: metrics_exporter_prometheus::BuildError,
+        source: std::io::Error,
     },
+    #[error(
+        "a metrics recorder is already installed in this process; set metrics_listen only once"
+    )]
+    MetricsRecorderInstalled,
 }

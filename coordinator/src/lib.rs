@@ -10,10 +10,12 @@
 //!   `RelayDirectory`) with their in-memory implementations; `contract` (feature
 //!   `test-support`) is the behaviour every implementation must pass.
 //! - `service`: the shared core and the `SessionService` / `AgentService` impls.
-//! - `reaper`: ends sessions past their deadline or with an expired code.
+//! - `reaper`: ends sessions past their deadline or with an expired code, and purges
+//!   records and event logs an hour after a session ended.
 //! - `validate`, `limiter`: pure input checks and the wrong-code limiter.
 //! - [`error`]: [`ApiError`], classified once into gRPC status, message and metric label.
-//! - `telemetry`: metric names, described at start.
+//! - [`telemetry`]: metric names, described at start, and the owned `/metrics` endpoint.
+//! - `main.rs`: the `kakehashi-coordinator` binary (clap flags, signals).
 //!
 //! # Invariants
 //! - A code redeems at most once; an ended session never ends again (compare-and-swap).
@@ -54,28 +56,31 @@ impl Coordinator {
         backends: Backends,
     ) -> Result<CoordinatorHandle, StartError> {
         config.validate()?;
+        // Descriptions go to whatever recorder is installed now (the binary's or a
+        // test's); with `metrics_listen` they are repeated for the recorder set below.
         telemetry::describe();
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
-        if let Some(addr) = config.metrics_listen {
-            let (recorder, exporter) = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .with_http_listener(addr)
-                .build()
-                .map_err(|source| StartError::Metrics { addr, source })?;
-            metrics::set_global_recorder(recorder).map_err(|_| {
-                StartError::Config("a metrics recorder is already installed in this process".into())
-            })?;
-            let stop = cancel.clone();
-            tasks.spawn(async move {
-                tokio::select! {
-                    () = stop.cancelled() => {}
-                    result = exporter => if let Err(e) = result {
-                        tracing::warn!(error = ?e, "metrics endpoint stopped");
-                    }
-                }
-            });
-        }
+        let metrics_addr = match config.metrics_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::MetricsBind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| StartError::MetricsBind { addr, source })?;
+                let recorder =
+                    metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+                let handle = recorder.handle();
+                metrics::set_global_recorder(recorder)
+                    .map_err(|_| StartError::MetricsRecorderInstalled)?;
+                telemetry::describe();
+                tasks.spawn(telemetry::http::serve(listener, handle, cancel.clone()));
+                Some(bound)
+            }
+            None => None,
+        };
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -112,6 +117,7 @@ impl Coordinator {
 
         Ok(CoordinatorHandle {
             grpc_addr,
+            metrics_addr,
             public_key,
             cancel,
             tasks,
@@ -123,6 +129,7 @@ impl Coordinator {
 /// stops them in order.
 pub struct CoordinatorHandle {
     grpc_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     public_key: VerifyingKey,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
@@ -131,6 +138,11 @@ pub struct CoordinatorHandle {
 impl CoordinatorHandle {
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// Where Prometheus scrapes `GET /metrics`, if `metrics_listen` was set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `http://IP:PORT` for tonic clients.

@@ -158,6 +158,9 @@ async fn main() -> Result<()> {
     // Relays need this key (`--coordinator-key HEX`), so it goes to stdout as well as the log.
     println!("coordinator public key: {public_key}");
     println!("coordinator listening on {}", handle.url());
+    if let Some(addr) = handle.metrics_addr() {
+        println!("metrics at http://{addr}/metrics");
+    }
 
     shutdown_signal().await?;
     tracing::info!("shutting down");
@@ -202,6 +205,22 @@ mod tests {
         ))
         .expect_err("admin without scheme");
         assert!(url.contains("http://"), "{url}");
+    }
+
+    #[test]
+    fn signing_key_file_is_hex_seed() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("kakehashi-coord-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let good = dir.join("good");
+        std::fs::write(&good, format!("{}\n", "07".repeat(32)))?;
+        let key = load_signing_key(&good)?;
+        assert_eq!(key.to_bytes(), [7; 32]);
+        let bad = dir.join("bad");
+        std::fs::write(&bad, "not hex")?;
+        let err = load_signing_key(&bad).expect_err("not hex");
+        assert!(format!("{err:#}").contains("64 hex digits"), "{err:#}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
     }
 
     #[test]

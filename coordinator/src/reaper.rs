@@ -14,8 +14,11 @@ use crate::telemetry;
 /// How often the reaper looks; a session outlives its deadline by at most about this
 /// (the relay enforces the deadline itself from the token).
 pub const INTERVAL: Duration = Duration::from_millis(200);
-/// Most sessions ended per pass, so one pass never holds the backend for long.
+/// Most sessions ended (or purged) per pass, so one pass never holds the backend long.
 pub const BATCH: usize = 512;
+/// How long an ended session stays readable (GetSession, ListSessions, WatchSession
+/// replay) before its record and events are deleted.
+pub const ENDED_RETENTION_MS: i64 = 60 * 60 * 1000;
 
 /// Runs until `cancel` fires.
 pub async fn run(core: Arc<Core>, cancel: CancellationToken) {
@@ -57,5 +60,13 @@ pub async fn pass(core: &Core) -> Result<usize, ApiError> {
         }
     }
     core.backends.codes.purge_expired().await?;
+    let purged = core
+        .backends
+        .sessions
+        .purge_ended(now.saturating_sub(ENDED_RETENTION_MS), BATCH)
+        .await?;
+    for id in purged {
+        core.backends.events.forget(id).await?;
+    }
     Ok(ended)
 }

@@ -134,6 +134,7 @@ impl Core {
                     return Err(ApiError::SessionEnded(id));
                 }
                 r.state = pb::SessionState::Ended;
+                r.ended_at_ms = now_ms();
                 r.end_reason = reason;
                 r.end_detail = detail.to_owned();
                 Ok(())

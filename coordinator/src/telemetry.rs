@@ -1,4 +1,6 @@
-//! Metric names, described once at start-up.
+//! Metric names, described once at start-up, and the scrape endpoint.
+
+pub mod http;
 
 pub const SESSIONS_CREATED: &str = "coordinator_sessions_created_total";
 pub const SESSIONS_ENDED: &str = "coordinator_sessions_ended_total";

@@ -17,12 +17,17 @@ pub const MAX_EVENTS_PER_SESSION: usize = 1024;
 /// Invariants: per session, `seq` starts at 1 and increases by one per published event;
 /// a subscriber sees every event from seq 1 in order, with no gaps or repeats, then each
 /// new one as it is published. The stream never ends by itself; callers stop reading.
+/// A log may refuse events past a bound ([`BackendError::EventLogFull`]), but never
+/// refuses `EVENT_KIND_ENDED`.
 pub trait EventBus: Send + Sync + 'static {
     /// Appends `event` (its `seq` is ignored and assigned here) and returns it as stored.
     fn publish(
         &self,
         event: pb::SessionEvent,
     ) -> BoxFuture<'_, Result<pb::SessionEvent, BackendError>>;
+
+    /// Drops the session's log (it ended long ago). Open subscriptions may end.
+    fn forget(&self, session: SessionId) -> BoxFuture<'_, Result<(), BackendError>>;
 
     /// Replays the session's log from the start, then follows it.
     fn subscribe(
@@ -73,6 +78,16 @@ fn parse_session(id: &str) -> Result<SessionId, BackendError> {
 }
 
 impl EventBus for InMemoryEventBus {
+    fn forget(&self, session: SessionId) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.logs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&session);
+            Ok(())
+        })
+    }
+
     fn publish(
         &self,
         mut event: pb::SessionEvent,
@@ -81,7 +96,9 @@ impl EventBus for InMemoryEventBus {
             let session = parse_session(&event.session_id)?;
             let log = self.log(session);
             let mut events = log.events.lock().unwrap_or_else(|p| p.into_inner());
-            if events.len() >= MAX_EVENTS_PER_SESSION {
+            // ENDED is always taken, so watchers of a noisy session still see it end.
+            let is_end = event.kind == pb::EventKind::Ended as i32;
+            if events.len() >= MAX_EVENTS_PER_SESSION && !is_end {
                 return Err(BackendError::EventLogFull {
                     session,
                     limit: MAX_EVENTS_PER_SESSION,

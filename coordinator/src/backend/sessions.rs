@@ -32,6 +32,8 @@ pub struct SessionRecord {
     pub granted: Permissions,
     pub end_reason: pb::EndReason,
     pub end_detail: String,
+    /// When the session ended (0 while live); ended records are purged a while later.
+    pub ended_at_ms: i64,
     /// SHA-256 of the operator ticket; the ticket itself is never stored.
     pub ticket_sha256: [u8; 32],
     /// Participant id of the host token, once the customer joined.
@@ -109,6 +111,14 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Up to `limit` live sessions that [`SessionRecord::due`] says must end at `now_ms`.
     fn due(&self, now_ms: i64, limit: usize)
     -> BoxFuture<'_, Result<Vec<SessionId>, BackendError>>;
+
+    /// Deletes up to `limit` records of sessions that ended before `before_ms` and
+    /// returns their ids. Live records are never deleted.
+    fn purge_ended(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<SessionId>, BackendError>>;
 }
 
 /// In-process session store (the embedded default).
@@ -195,6 +205,26 @@ impl SessionStore for InMemorySessionStore {
                 .take(limit)
                 .map(|r| r.id)
                 .collect())
+        })
+    }
+
+    fn purge_ended(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<SessionId>, BackendError>> {
+        Box::pin(async move {
+            let mut records = self.lock();
+            let old: Vec<SessionId> = records
+                .values()
+                .filter(|r| r.is_ended() && r.ended_at_ms < before_ms)
+                .take(limit)
+                .map(|r| r.id)
+                .collect();
+            for id in &old {
+                records.remove(id);
+            }
+            Ok(old)
         })
     }
 }

@@ -76,6 +76,7 @@ impl Core {
             granted: Permissions::NONE,
             end_reason: pb::EndReason::Unspecified,
             end_detail: String::new(),
+            ended_at_ms: 0,
             ticket_sha256: Sha256::digest(hex::encode(ticket).as_bytes()).into(),
             host_participant: None,
         };
