@@ -143,7 +143,13 @@ mod tests {
 
     #[test]
     fn refusals_are_reported_and_keep_earlier_grants() {
-        let d = decide(VIEW, CONTROL, Permissions::NONE, VIEW | CONTROL, Mode::Control);
+        let d = decide(
+            VIEW,
+            CONTROL,
+            Permissions::NONE,
+            VIEW | CONTROL,
+            Mode::Control,
+        );
         assert_eq!(d.granted, VIEW);
         assert_eq!(d.denied, CONTROL);
     }
@@ -158,7 +164,10 @@ mod tests {
     #[test]
     fn askable_drops_what_the_session_cannot_grant() {
         assert_eq!(askable(VIEW | CONTROL, VIEW | CONTROL, Mode::View), VIEW);
-        assert_eq!(askable(Permissions::FILE_TRANSFER, VIEW, Mode::Control), Permissions::NONE);
+        assert_eq!(
+            askable(Permissions::FILE_TRANSFER, VIEW, Mode::Control),
+            Permissions::NONE
+        );
     }
 
     #[test]

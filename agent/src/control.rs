@@ -41,7 +41,9 @@ pub fn parse_mode(s: &str) -> Result<Mode, String> {
 
 /// "END_REASON_TIME_LIMIT" -> "time_limit".
 fn short(full: &str, prefix: &str) -> String {
-    full.strip_prefix(prefix).unwrap_or(full).to_ascii_lowercase()
+    full.strip_prefix(prefix)
+        .unwrap_or(full)
+        .to_ascii_lowercase()
 }
 
 pub fn end_reason_name(r: pb::EndReason) -> String {
@@ -205,9 +207,7 @@ impl fmt::Display for EventView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{} {} {}", self.seq, self.at_unix_ms, self.kind)?;
         match self.kind.as_str() {
-            "consent_given" | "consent_denied" => {
-                write!(f, " granted={}", list(&self.granted))?
-            }
+            "consent_given" | "consent_denied" => write!(f, " granted={}", list(&self.granted))?,
             "ended" => write!(f, " reason={}", self.end_reason)?,
             _ => {}
         }
@@ -260,7 +260,10 @@ mod tests {
         assert_eq!(v.permissions, ["view", "control"]);
         assert_eq!(v.granted, ["view"]);
         assert_eq!(v.end_reason, "time_limit");
-        assert_eq!(v.relay.as_ref().map(|r| r.cert_sha256.as_str()), Some("abcd"));
+        assert_eq!(
+            v.relay.as_ref().map(|r| r.cert_sha256.as_str()),
+            Some("abcd")
+        );
         let json = serde_json::to_value(&v).expect("serialises");
         assert_eq!(json["mode"], "control");
         assert!(v.to_string().contains("ended=time_limit"));

@@ -158,14 +158,15 @@ impl SessionKeys {
     ) -> Result<Frame, CryptoError> {
         let len = plaintext.len() + TAG_LEN;
         let max = channel.max_payload();
-        let wire_len = u32::try_from(len)
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or(CryptoError::TooLarge {
-                channel: channel.name(),
-                len,
-                max,
-            })?;
+        let wire_len =
+            u32::try_from(len)
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or(CryptoError::TooLarge {
+                    channel: channel.name(),
+                    len,
+                    max,
+                })?;
         let header = FrameHeader::new(
             channel,
             flags,
@@ -243,7 +244,12 @@ mod tests {
         assert_eq!(h.sas(), v.sas());
         assert_eq!(h.sas().len(), 7);
         assert_eq!(h.sas().as_bytes()[3], b' ');
-        assert!(h.sas().chars().filter(|c| *c != ' ').all(|c| c.is_ascii_digit()));
+        assert!(
+            h.sas()
+                .chars()
+                .filter(|c| *c != ' ')
+                .all(|c| c.is_ascii_digit())
+        );
     }
 
     #[test]
@@ -325,13 +331,8 @@ mod tests {
     #[test]
     fn low_order_peer_key_is_refused() {
         let me = Keypair::generate().expect("random");
-        let err = SessionKeys::derive(
-            &me,
-            Side::Host,
-            &[0u8; 32],
-            &SessionId::from_bytes([1; 16]),
-        )
-        .expect_err("zero key");
+        let err = SessionKeys::derive(&me, Side::Host, &[0u8; 32], &SessionId::from_bytes([1; 16]))
+            .expect_err("zero key");
         assert!(matches!(err, CryptoError::NonContributory));
     }
 

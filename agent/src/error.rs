@@ -7,15 +7,17 @@ use crate::link::LinkError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("coordinator URL {url:?} is not usable: {source}")]
+    // Errors are carried as plain fields (not `source`) and shown in the message, so
+    // a log line with `%e` says everything and an error chain does not repeat it.
+    #[error("coordinator URL {url:?} is not usable: {error}")]
     CoordinatorUrl {
         url: String,
-        source: tonic::transport::Error,
+        error: tonic::transport::Error,
     },
-    #[error("cannot reach the coordinator at {url}: {source}")]
+    #[error("cannot reach the coordinator at {url}: {}", transport_detail(.error))]
     CoordinatorUnreachable {
         url: String,
-        source: tonic::transport::Error,
+        error: tonic::transport::Error,
     },
     #[error("coordinator refused {call}: {} ({:?})", .status.message(), .status.code())]
     Rpc {
@@ -29,7 +31,7 @@ pub enum AgentError {
         what: &'static str,
     },
     #[error("session id from the coordinator is invalid: {0}")]
-    SessionId(#[from] kakehashi_proto::ids::BadSessionId),
+    SessionId(kakehashi_proto::ids::BadSessionId),
     #[error("this participant's own token does not verify: {0}")]
     OwnToken(TokenError),
     #[error("a peer's token was refused: {0}")]
@@ -54,20 +56,28 @@ impl AgentError {
 }
 
 /// Opens a gRPC channel to the coordinator (plain `http://` or `https://` URL).
-pub(crate) async fn connect_coordinator(
-    url: &str,
-) -> Result<tonic::transport::Channel, AgentError> {
+pub async fn connect_coordinator(url: &str) -> Result<tonic::transport::Channel, AgentError> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|source| AgentError::CoordinatorUrl {
+        .map_err(|error| AgentError::CoordinatorUrl {
             url: url.to_owned(),
-            source,
+            error,
         })?
         .connect_timeout(std::time::Duration::from_secs(5));
     endpoint
         .connect()
         .await
-        .map_err(|source| AgentError::CoordinatorUnreachable {
+        .map_err(|error| AgentError::CoordinatorUnreachable {
             url: url.to_owned(),
-            source,
+            error,
         })
+}
+
+/// The innermost cause of a transport error ("Connection refused (os error 111)"):
+/// tonic's own message is only "transport error".
+fn transport_detail(e: &tonic::transport::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }

@@ -20,7 +20,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::consent::{self, Consent, ConsentRequest};
 use crate::crypto::{Keypair, Side};
@@ -55,7 +55,10 @@ impl Default for HostConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum HostEvent {
     /// A viewer with a valid token attached; compare `sas` with the operator's.
-    PeerJoined { participant_id: u64, sas: String },
+    PeerJoined {
+        participant_id: u64,
+        sas: String,
+    },
     /// [`Consent::Manual`]: answer with [`Host::answer`].
     ConsentRequested {
         permissions: Permissions,
@@ -100,6 +103,10 @@ impl Shared {
 }
 
 /// A joined host session. Dropping it leaves the session.
+///
+/// Read its events ([`Host::next_event`] or [`Host::run_synthetic`]): every event is
+/// reliable (input, chat, grants), so with 1024 unread the host stops reading from the
+/// relay until the application catches up.
 pub struct Host {
     shared: Arc<Shared>,
     participant_id: u64,
@@ -184,12 +191,22 @@ impl Host {
             answers_tx: answers.clone(),
             consent: config.consent,
             queue: VecDeque::new(),
-            asking: false,
+            asking: None,
             reporter,
-            tasks: JoinSet::new(),
+            prompts: JoinSet::new(),
+            reports: JoinSet::new(),
         };
         let mut tasks = JoinSet::new();
-        tasks.spawn(driver.run(rx, answers_rx, welcome, cancel.clone()));
+        let span = tracing::info_span!(
+            "host",
+            session = %shared.joined.session_id,
+            participant = participant_id
+        );
+        tasks.spawn(
+            driver
+                .run(rx, answers_rx, welcome, cancel.clone())
+                .instrument(span),
+        );
         Host {
             shared,
             participant_id,
@@ -242,7 +259,8 @@ impl Host {
     }
 
     /// Sends a screen frame to the viewer. `Ok(false)`: withheld, because VIEW is not
-    /// granted or no viewer is attached.
+    /// granted or no viewer is attached. Sealed for the current (most recent) viewer
+    /// only; several viewers come in a later issue.
     pub async fn send_screen(&self, frame: pb::ScreenFrame) -> Result<bool, AgentError> {
         let peer = {
             let state = self.shared.state();
@@ -371,11 +389,16 @@ struct Driver {
     events: mpsc::Sender<HostEvent>,
     answers_tx: mpsc::UnboundedSender<Permissions>,
     consent: Consent,
+    /// Questions waiting for the customer, oldest first.
     queue: VecDeque<ConsentRequest>,
-    asking: bool,
+    /// The question the customer is looking at now. One at a time, so an answer is
+    /// never applied to the wrong question.
+    asking: Option<ConsentRequest>,
     reporter: Option<AgentServiceClient<tonic::transport::Channel>>,
-    // Prompts and consent reports.
-    tasks: JoinSet<()>,
+    // Terminal prompts: a prompt left open when the session ends is abandoned.
+    prompts: JoinSet<()>,
+    // ReportConsent calls: each bounded, finished before the driver stops.
+    reports: JoinSet<()>,
 }
 
 enum Flow {
@@ -415,14 +438,16 @@ impl Driver {
                 },
                 Some(frame) = rx.frames.recv() => { self.on_frame(frame).await; Flow::Continue }
                 Some(answer) = answers.recv() => { self.on_answer(answer).await; Flow::Continue }
-                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => Flow::Continue,
+                Some(_) = self.prompts.join_next(), if !self.prompts.is_empty() => Flow::Continue,
+                Some(_) = self.reports.join_next(), if !self.reports.is_empty() => Flow::Continue,
             };
             if let Flow::Stop = flow {
                 break;
             }
         }
-        // Let consent reports already under way finish (each is bounded).
-        while self.tasks.join_next().await.is_some() {}
+        // Let consent reports already under way finish (each is bounded by
+        // REPORT_TIMEOUT); open prompts are aborted when `prompts` drops.
+        while self.reports.join_next().await.is_some() {}
     }
 
     async fn emit(&self, ev: HostEvent) {
@@ -456,10 +481,7 @@ impl Driver {
                 self.end(reason_of(e.reason), e.detail).await;
                 return Flow::Stop;
             }
-            other @ (Kind::Hello(_)
-            | Kind::Welcome(_)
-            | Kind::Grant(_)
-            | Kind::Hangup(_)) => {
+            other @ (Kind::Hello(_) | Kind::Welcome(_) | Kind::Grant(_) | Kind::Hangup(_)) => {
                 warn!(signal = ?other, "relay sent a signal meant for the relay; ignored");
             }
         }
@@ -485,6 +507,11 @@ impl Driver {
         let sas = peer.sas().to_owned();
         {
             let mut state = self.shared.state();
+            // The same token can arrive twice (in Welcome and as PeerJoined): same
+            // participant and key, nothing new to tell or ask.
+            if state.viewers.get(&id).is_some_and(|p| p.sas() == sas) {
+                return;
+            }
             state.viewers.insert(id, peer);
             state.current = Some(id);
         }
@@ -523,13 +550,13 @@ impl Driver {
     }
 
     async fn ask_next(&mut self) {
-        if self.asking {
+        if self.asking.is_some() {
             return;
         }
-        let Some(req) = self.queue.front().cloned() else {
+        let Some(req) = self.queue.pop_front() else {
             return;
         };
-        self.asking = true;
+        self.asking = Some(req.clone());
         match self.consent {
             Consent::Approve(allowed) => {
                 // Through the answer queue, like every other answer.
@@ -546,13 +573,12 @@ impl Driver {
             }
             Consent::Prompt => {
                 let answers = self.answers_tx.clone();
-                self.tasks.spawn(async move {
+                self.prompts.spawn(async move {
                     let asked = req.clone();
-                    let answer = tokio::task::spawn_blocking(move || {
-                        consent::prompt_blocking(&asked)
-                    })
-                    .await
-                    .unwrap_or(Permissions::NONE);
+                    let answer =
+                        tokio::task::spawn_blocking(move || consent::prompt_blocking(&asked))
+                            .await
+                            .unwrap_or(Permissions::NONE);
                     let _ = answers.send(answer);
                 });
             }
@@ -560,31 +586,29 @@ impl Driver {
     }
 
     async fn on_answer(&mut self, answer: Permissions) {
-        if !self.asking {
+        let Some(req) = self.asking.take() else {
             warn!(%answer, "consent answer with no question open; ignored");
             return;
-        }
-        self.asking = false;
-        if let Some(req) = self.queue.pop_front() {
-            let viewer_present = self.shared.state().viewers.contains_key(&req.viewer);
-            if viewer_present {
-                let claims = &self.shared.joined.claims;
-                let current = self.shared.state().granted;
-                let d = consent::decide(
-                    current,
-                    req.permissions,
-                    answer,
-                    claims.permissions,
-                    claims.mode,
-                );
-                info!(granted = %d.granted, denied = %d.denied, "customer decided");
-                if d.granted != current {
-                    self.shared.state().granted = d.granted;
-                    self.send_grant(d.granted).await;
-                    self.emit(HostEvent::GrantsChanged(d.granted)).await;
-                }
-                self.report(d.granted, d.denied);
+        };
+        // A viewer that left while the customer was deciding gets nothing.
+        let viewer_present = self.shared.state().viewers.contains_key(&req.viewer);
+        if viewer_present {
+            let claims = &self.shared.joined.claims;
+            let current = self.shared.state().granted;
+            let d = consent::decide(
+                current,
+                req.permissions,
+                answer,
+                claims.permissions,
+                claims.mode,
+            );
+            info!(granted = %d.granted, denied = %d.denied, "customer decided");
+            if d.granted != current {
+                self.shared.state().granted = d.granted;
+                self.send_grant(d.granted).await;
+                self.emit(HostEvent::GrantsChanged(d.granted)).await;
             }
+            self.report(d.granted, d.denied);
         }
         self.ask_next().await;
     }
@@ -609,7 +633,7 @@ impl Driver {
             granted: granted.bits(),
             denied: denied.bits(),
         };
-        self.tasks.spawn(async move {
+        self.reports.spawn(async move {
             match tokio::time::timeout(REPORT_TIMEOUT, client.report_consent(req)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(status)) => warn!(%status, "ReportConsent failed"),
@@ -645,13 +669,14 @@ impl Driver {
             return;
         };
         let event = match channel {
-            Channel::Input => peer::decode::<pb::InputEvent>(channel, &plaintext).map(HostEvent::Input),
+            Channel::Input => {
+                peer::decode::<pb::InputEvent>(channel, &plaintext).map(HostEvent::Input)
+            }
             Channel::Pointer => {
                 peer::decode::<pb::PointerHint>(channel, &plaintext).map(HostEvent::Pointer)
             }
-            Channel::Chat => {
-                peer::decode::<pb::ChatMessage>(channel, &plaintext).map(|m| HostEvent::Chat(m.text))
-            }
+            Channel::Chat => peer::decode::<pb::ChatMessage>(channel, &plaintext)
+                .map(|m| HostEvent::Chat(m.text)),
             Channel::Control => {
                 match peer::decode::<pb::ControlMessage>(channel, &plaintext) {
                     Ok(pb::ControlMessage {
@@ -677,7 +702,10 @@ impl Driver {
 
     async fn on_permission_request(&mut self, from: u64, r: pb::PermissionRequest) {
         let Some(asked) = Permissions::from_bits(r.permissions) else {
-            warn!(bits = r.permissions, "permission request with unknown bits; refused");
+            warn!(
+                bits = r.permissions,
+                "permission request with unknown bits; refused"
+            );
             return;
         };
         let sas = self

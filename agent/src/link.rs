@@ -32,10 +32,10 @@ pub enum LinkError {
     Tls(#[from] TlsError),
     #[error("cannot open a local UDP endpoint: {0}")]
     Bind(std::io::Error),
-    #[error("cannot start connecting to relay {address}: {source}")]
+    #[error("cannot start connecting to relay {address}: {error}")]
     Connect {
         address: SocketAddr,
-        source: quinn::ConnectError,
+        error: quinn::ConnectError,
     },
     #[error("timed out after {0:?} attaching to the relay")]
     AttachTimeout(Duration),
@@ -51,6 +51,8 @@ pub enum LinkError {
     RelayShutdown(String),
     #[error("the relay closed the connection with code {code}: {reason}")]
     Closed { code: u64, reason: String },
+    #[error("TLS handshake with the relay failed (is its certificate the pinned one?): {0}")]
+    Handshake(String),
     #[error("the relay stopped answering (idle timeout)")]
     TimedOut,
     #[error("this participant closed the link")]
@@ -88,6 +90,10 @@ impl LinkError {
                     Ok(close::SHUTDOWN) => LinkError::RelayShutdown(reason),
                     _ => LinkError::Closed { code, reason },
                 }
+            }
+            // QUIC carries TLS alerts as transport codes 0x100..=0x1ff.
+            ConnectionError::TransportError(e) if (0x100..=0x1ff).contains(&u64::from(e.code)) => {
+                LinkError::Handshake(e.reason)
             }
             ConnectionError::TimedOut => LinkError::TimedOut,
             ConnectionError::LocallyClosed => LinkError::LocallyClosed,
@@ -252,7 +258,9 @@ impl LinkSender {
     pub async fn channel(&self, channel: Channel) -> ChannelGuard<'_> {
         ChannelGuard {
             conn: &self.shared.conn,
-            inner: self.shared.channels[usize::from(channel as u8)].lock().await,
+            inner: self.shared.channels[usize::from(channel as u8)]
+                .lock()
+                .await,
         }
     }
 
@@ -380,12 +388,12 @@ impl RelayLink {
         } else {
             endpoint.server_name.as_str()
         };
-        let connecting = quic
-            .connect_with(tls, addr, server_name)
-            .map_err(|source| LinkError::Connect {
-                address: addr,
-                source,
-            })?;
+        let connecting =
+            quic.connect_with(tls, addr, server_name)
+                .map_err(|error| LinkError::Connect {
+                    address: addr,
+                    error,
+                })?;
         let attach = async {
             let conn = connecting.await.map_err(LinkError::from_connection)?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(LinkError::from_connection)?;
@@ -606,5 +614,44 @@ async fn read_data_stream(mut stream: RecvStream, out: mpsc::Sender<Frame>) {
             }
             Err(ReadError::Io(_)) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app_close(code: u32, reason: &'static [u8]) -> ConnectionError {
+        ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: VarInt::from_u32(code),
+            reason: bytes::Bytes::from_static(reason),
+        })
+    }
+
+    #[test]
+    fn close_codes_map_to_clear_errors() {
+        let e = LinkError::from_connection(app_close(close::REFUSED, b"token expired"));
+        assert!(matches!(&e, LinkError::Refused(r) if r == "token expired"));
+        assert!(e.to_string().contains("token expired"));
+        assert!(matches!(
+            LinkError::from_connection(app_close(close::ENDED, b"")),
+            LinkError::Ended(_)
+        ));
+        assert!(matches!(
+            LinkError::from_connection(app_close(close::PROTOCOL, b"bad frame")),
+            LinkError::Protocol(r) if r == "bad frame"
+        ));
+        let failed = LinkError::from_connection(app_close(close::SESSION_FAILED, b"actor"));
+        assert_eq!(failed.end_reason(), pb::EndReason::SessionFailed);
+        let shutdown = LinkError::from_connection(app_close(close::SHUTDOWN, b"draining"));
+        assert_eq!(shutdown.end_reason(), pb::EndReason::RelayShutdown);
+        assert!(matches!(
+            LinkError::from_connection(app_close(99, b"\xff?")),
+            LinkError::Closed { code: 99, .. }
+        ));
+        assert!(matches!(
+            LinkError::from_connection(ConnectionError::TimedOut),
+            LinkError::TimedOut
+        ));
     }
 }

@@ -137,18 +137,35 @@ enum CtlCommand {
     Watch { id: String },
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole cause chain; no backtrace for a person to wade through.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
-        Command::Host(args) => host(args).await,
-        Command::View(args) => view(args).await,
-        Command::Ctl(args) => ctl(args).await,
-    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Host(args) => host(args).await,
+            Command::View(args) => view(args).await,
+            Command::Ctl(args) => ctl(args).await,
+        }
+    });
+    // A consent prompt may still be blocked reading the terminal after the session
+    // ended; do not wait for the customer to press a key before exiting.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
 }
 
 impl HostArgs {
@@ -192,9 +209,12 @@ async fn host(args: HostArgs) -> Result<()> {
             print_end(reason, &detail);
         }
         None => {
-            host.hangup(pb::EndReason::EndedByCustomer, "the customer pressed Ctrl-C")
-                .await
-                .context("hanging up")?;
+            host.hangup(
+                pb::EndReason::EndedByCustomer,
+                "the customer pressed Ctrl-C",
+            )
+            .await
+            .context("hanging up")?;
             println!("You ended the session.");
         }
     }
@@ -313,12 +333,7 @@ fn emit<T: Serialize + std::fmt::Display>(json: bool, value: &T) -> Result<()> {
 }
 
 async fn ctl(args: CtlArgs) -> Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())
-        .with_context(|| format!("coordinator URL {:?}", args.coordinator))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {}", args.coordinator))?;
+    let channel = kakehashi_agent::error::connect_coordinator(&args.coordinator).await?;
     let mut client = SessionServiceClient::new(channel);
     let json = args.json;
     match args.command {
@@ -413,8 +428,16 @@ mod tests {
 
     #[test]
     fn host_flags() {
-        let cli = parse(&["host", "--code", "1234", "--approve", "view,control", "--fps", "30"])
-            .expect("parses");
+        let cli = parse(&[
+            "host",
+            "--code",
+            "1234",
+            "--approve",
+            "view,control",
+            "--fps",
+            "30",
+        ])
+        .expect("parses");
         let Command::Host(h) = cli.command else {
             panic!("not host");
         };
@@ -438,7 +461,15 @@ mod tests {
     #[test]
     fn view_flags() {
         let cli = parse(&[
-            "view", "--session", "ab", "--ticket", "t", "--request", "control", "--frames", "10",
+            "view",
+            "--session",
+            "ab",
+            "--ticket",
+            "t",
+            "--request",
+            "control",
+            "--frames",
+            "10",
         ])
         .expect("parses");
         let Command::View(v) = cli.command else {
@@ -452,8 +483,17 @@ mod tests {
     #[test]
     fn ctl_flags() {
         let cli = parse(&[
-            "ctl", "--json", "create", "--tenant", "t", "--operator", "o", "--mode", "control",
-            "--permissions", "view,control",
+            "ctl",
+            "--json",
+            "create",
+            "--tenant",
+            "t",
+            "--operator",
+            "o",
+            "--mode",
+            "control",
+            "--permissions",
+            "view,control",
         ])
         .expect("parses");
         let Command::Ctl(c) = cli.command else {
@@ -470,6 +510,18 @@ mod tests {
         assert!(parse(&["ctl", "list", "--all"]).is_ok());
         assert!(parse(&["ctl", "end", "abc", "--detail", "done"]).is_ok());
         assert!(parse(&["ctl", "watch", "abc"]).is_ok());
-        assert!(parse(&["ctl", "create", "--tenant", "t", "--operator", "o", "--mode", "admin"]).is_err());
+        assert!(
+            parse(&[
+                "ctl",
+                "create",
+                "--tenant",
+                "t",
+                "--operator",
+                "o",
+                "--mode",
+                "admin"
+            ])
+            .is_err()
+        );
     }
 }

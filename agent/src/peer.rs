@@ -38,7 +38,7 @@ impl Joined {
             VerifyingKey::from_bytes(&key).map_err(|_| bad("coordinator_public_key is invalid"))?;
         let session = resp.session.ok_or(bad("no session"))?;
         let relay = resp.relay.ok_or(bad("no relay endpoint"))?;
-        let session_id: SessionId = session.session_id.parse()?;
+        let session_id: SessionId = session.session_id.parse().map_err(AgentError::SessionId)?;
         let claims = token::verify(&resp.token, &coordinator_key, kakehashi_proto::unix_now())
             .map_err(AgentError::OwnToken)?;
         claims
@@ -189,8 +189,7 @@ mod tests {
         let vt = token(Role::Viewer, 2, viewer.public_bytes(), Mode::Control);
         let ht = token(Role::Host, 1, host.public_bytes(), Mode::Control);
         let at_host = accept_peer(&vt, &hj, Role::Viewer, &host, Side::Host).expect("viewer ok");
-        let at_viewer =
-            accept_peer(&ht, &vj, Role::Host, &viewer, Side::Viewer).expect("host ok");
+        let at_viewer = accept_peer(&ht, &vj, Role::Host, &viewer, Side::Viewer).expect("host ok");
         assert_eq!(at_host.participant_id, 2);
         assert_eq!(at_host.sas(), at_viewer.sas());
     }

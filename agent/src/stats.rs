@@ -61,7 +61,15 @@ mod tests {
             w.record(v);
         }
         let p = w.take().expect("samples");
-        assert_eq!(p, Percentiles { count: 100, p50: 50, p99: 99, max: 100 });
+        assert_eq!(
+            p,
+            Percentiles {
+                count: 100,
+                p50: 50,
+                p99: 99,
+                max: 100
+            }
+        );
         assert!(w.is_empty());
         w.record(7);
         let p = w.take().expect("one sample");

@@ -14,7 +14,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::crypto::{Keypair, Side};
 use crate::error::{AgentError, connect_coordinator};
@@ -35,7 +35,9 @@ pub struct ViewerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ViewerEvent {
     /// The host's token verified; compare `sas` with the customer's.
-    PeerJoined { sas: String },
+    PeerJoined {
+        sas: String,
+    },
     Screen {
         frame: pb::ScreenFrame,
         seq: u64,
@@ -61,6 +63,7 @@ struct Shared {
     mode: Mode,
     state: Mutex<State>,
     undecryptable: AtomicU64,
+    unread_screens: AtomicU64,
 }
 
 impl Shared {
@@ -138,6 +141,7 @@ impl Viewer {
                 ended: false,
             }),
             undecryptable: AtomicU64::new(0),
+            unread_screens: AtomicU64::new(0),
         });
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let cancel = CancellationToken::new();
@@ -149,7 +153,12 @@ impl Viewer {
             request_on_join: config.request_on_join,
         };
         let mut tasks = JoinSet::new();
-        tasks.spawn(driver.run(rx, welcome, cancel.clone()));
+        let span = tracing::info_span!(
+            "viewer",
+            session = %shared.joined.session_id,
+            participant = participant_id
+        );
+        tasks.spawn(driver.run(rx, welcome, cancel.clone()).instrument(span));
         Viewer {
             shared,
             participant_id,
@@ -161,7 +170,11 @@ impl Viewer {
     }
 
     pub fn sas(&self) -> Option<String> {
-        self.shared.state().host.as_ref().map(|p| p.sas().to_owned())
+        self.shared
+            .state()
+            .host
+            .as_ref()
+            .map(|p| p.sas().to_owned())
     }
 
     pub fn session(&self) -> &pb::Session {
@@ -181,6 +194,12 @@ impl Viewer {
         self.shared.undecryptable.load(Ordering::Relaxed)
     }
 
+    /// Screen frames dropped because the application had 1024 events unread.
+    pub fn unread_screen_frames(&self) -> u64 {
+        self.shared.unread_screens.load(Ordering::Relaxed)
+    }
+
+    /// The next event; `None` after the session ended and every event was read.
     pub async fn next_event(&mut self) -> Option<ViewerEvent> {
         self.events.recv().await
     }
@@ -210,7 +229,14 @@ impl Viewer {
     /// Sends input if CONTROL is granted in a control session; otherwise sends nothing
     /// and returns `Ok(false)`.
     pub async fn send_input(&self, event: pb::InputEvent) -> Result<bool, AgentError> {
-        if may_forward(Channel::Input, Role::Viewer, self.shared.mode, self.granted()).is_err() {
+        if may_forward(
+            Channel::Input,
+            Role::Viewer,
+            self.shared.mode,
+            self.granted(),
+        )
+        .is_err()
+        {
             return Ok(false);
         }
         self.send_input_unchecked(event).await?;
@@ -243,7 +269,14 @@ impl Viewer {
 
     /// Sends a pointer hint ("指差し"); `Ok(false)` without a VIEW grant.
     pub async fn send_pointer(&self, hint: pb::PointerHint) -> Result<bool, AgentError> {
-        if may_forward(Channel::Pointer, Role::Viewer, self.shared.mode, self.granted()).is_err() {
+        if may_forward(
+            Channel::Pointer,
+            Role::Viewer,
+            self.shared.mode,
+            self.granted(),
+        )
+        .is_err()
+        {
             return Ok(false);
         }
         let peer = self.host_peer()?;
@@ -346,7 +379,10 @@ impl Driver {
             }
             Kind::GrantsChanged(g) => {
                 let granted = Permissions::from_bits(g.granted).unwrap_or_else(|| {
-                    warn!(bits = g.granted, "grant with unknown bits; keeping the known ones");
+                    warn!(
+                        bits = g.granted,
+                        "grant with unknown bits; keeping the known ones"
+                    );
                     Permissions::from_bits(g.granted & Permissions::ALL.bits())
                         .unwrap_or(Permissions::NONE)
                 });
@@ -381,8 +417,19 @@ impl Driver {
             }
         };
         let sas = peer.sas().to_owned();
+        {
+            let mut state = self.shared.state();
+            // The same token can arrive twice (in Welcome and as PeerJoined).
+            if state
+                .host
+                .as_ref()
+                .is_some_and(|h| h.participant_id == peer.participant_id && h.sas() == sas)
+            {
+                return;
+            }
+            state.host = Some(peer.clone());
+        }
         info!(participant = peer.participant_id, %sas, "host verified");
-        self.shared.state().host = Some(peer.clone());
         self.emit(ViewerEvent::PeerJoined { sas }).await;
         if let Some((perms, note)) = self.request_on_join.take()
             && let Err(e) = send_request(&self.tx, &peer, perms, &note).await
@@ -395,7 +442,10 @@ impl Driver {
         let channel = frame.header.channel;
         let Some(host) = self.shared.state().host.clone() else {
             self.shared.undecryptable.fetch_add(1, Ordering::Relaxed);
-            debug!(channel = channel.name(), "frame before the host's key is known; dropped");
+            debug!(
+                channel = channel.name(),
+                "frame before the host's key is known; dropped"
+            );
             return;
         };
         let plaintext = match host.open(&frame) {
@@ -418,15 +468,22 @@ impl Driver {
                     latency_us,
                 }
             }),
-            Channel::Chat => {
-                peer::decode::<pb::ChatMessage>(channel, &plaintext).map(|m| ViewerEvent::Chat(m.text))
-            }
+            Channel::Chat => peer::decode::<pb::ChatMessage>(channel, &plaintext)
+                .map(|m| ViewerEvent::Chat(m.text)),
             other => {
                 debug!(channel = other.name(), "channel not handled by the viewer");
                 return;
             }
         };
         match event {
+            // Screen frames are latency-first: an application that falls behind loses
+            // frames, never the signals and chat queued behind them.
+            Ok(ev @ ViewerEvent::Screen { .. }) => {
+                if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(ev) {
+                    let n = self.shared.unread_screens.fetch_add(1, Ordering::Relaxed) + 1;
+                    debug!(total = n, "application is behind; screen frame dropped");
+                }
+            }
             Ok(ev) => self.emit(ev).await,
             Err(e) => warn!(error = %e, "dropped an undecodable frame"),
         }
