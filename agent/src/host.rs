@@ -726,7 +726,36 @@ impl Driver {
 
     async fn end(&mut self, reason: pb::EndReason, detail: String) {
         self.shared.state().ended = true;
+        self.report_end(reason, &detail);
         self.emit(HostEvent::Ended { reason, detail }).await;
+    }
+
+    /// Tells the coordinator how the session ended when only the relay and the agents
+    /// know it (a hang-up, a failed session, a relay going away). Ends the coordinator
+    /// decided itself (operator's EndSession, time limit) need no report.
+    fn report_end(&mut self, reason: pb::EndReason, detail: &str) {
+        use pb::EndReason::{EndedByCustomer, EndedByOperator, RelayShutdown, SessionFailed};
+        if !matches!(
+            reason,
+            EndedByCustomer | EndedByOperator | SessionFailed | RelayShutdown
+        ) {
+            return;
+        }
+        let Some(mut client) = self.reporter.clone() else {
+            return;
+        };
+        let req = pb::ReportEndRequest {
+            token: self.shared.joined.token.clone(),
+            reason: reason as i32,
+            detail: detail.chars().take(256).collect(),
+        };
+        self.reports.spawn(async move {
+            match tokio::time::timeout(REPORT_TIMEOUT, client.report_end(req)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => warn!(%status, "ReportEnd failed"),
+                Err(_) => warn!("ReportEnd timed out"),
+            }
+        });
     }
 
     async fn end_from_link(&mut self, e: LinkError) {

@@ -283,6 +283,43 @@ async fn one_session_end_to_end() -> Result<()> {
         .await
         .expect_err("ended");
     assert_eq!(consent.code(), Code::FailedPrecondition);
+    // A late ReportEnd leaves the recorded end as it was; only the host may report, and
+    // only the reasons a relay-side end can have.
+    c.agents
+        .report_end(pb::ReportEndRequest {
+            token: host.token.clone(),
+            reason: pb::EndReason::EndedByCustomer as i32,
+            detail: "late".into(),
+        })
+        .await?;
+    let still = c
+        .sessions
+        .get_session(pb::GetSessionRequest {
+            session_id: session.session_id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(still.end_reason(), pb::EndReason::EndedByOperator);
+    let by_viewer = c
+        .agents
+        .report_end(pb::ReportEndRequest {
+            token: viewer.token.clone(),
+            reason: pb::EndReason::EndedByOperator as i32,
+            detail: String::new(),
+        })
+        .await
+        .expect_err("viewer token");
+    assert_eq!(by_viewer.code(), Code::PermissionDenied);
+    let bad_reason = c
+        .agents
+        .report_end(pb::ReportEndRequest {
+            token: host.token.clone(),
+            reason: pb::EndReason::TimeLimit as i32,
+            detail: String::new(),
+        })
+        .await
+        .expect_err("not a relay-side reason");
+    assert_eq!(bad_reason.code(), Code::InvalidArgument);
 
     // A watcher arriving after the end gets the whole history and a closed stream.
     let mut replay = c

@@ -781,6 +781,37 @@ async fn a_panicking_session_actor_ends_only_its_own_session() -> Result<()> {
     assert!(relay.is_running());
     assert_eq!(relay.live_sessions().await, 1);
     assert_eq!(relay.stats().sessions_failed.load(Ordering::Relaxed), 1);
+    // The host told the coordinator, so the call-center software sees why it ended.
+    let last = watch_until_end(&cluster, &session_id(&doomed))
+        .await?
+        .pop()
+        .context("no events")?;
+    assert_eq!(last.end_reason(), pb::EndReason::SessionFailed);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_customer_hangup_ends_the_session_in_the_coordinator_too() -> Result<()> {
+    let cluster = LocalCluster::builder().start().await?;
+    let (created, host, mut viewer) =
+        attached_pair(&cluster, pb::SessionMode::Control, Permissions::VIEW).await?;
+    let sid = session_id(&created);
+    host.hangup(pb::EndReason::EndedByCustomer, "I have to go")
+        .await?;
+    let viewer_end = viewer_until(&mut viewer, |ev| match ev {
+        ViewerEvent::Ended { reason, .. } => Some(reason),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(viewer_end, pb::EndReason::EndedByCustomer);
+    let last = watch_until_end(&cluster, &sid)
+        .await?
+        .pop()
+        .context("no events")?;
+    assert_eq!(last.kind(), pb::EventKind::Ended);
+    assert_eq!(last.end_reason(), pb::EndReason::EndedByCustomer);
+    assert_eq!(last.detail, "I have to go");
     cluster.shutdown().await;
     Ok(())
 }

@@ -92,6 +92,14 @@ impl pb::agent_service_server::AgentService for TestCoordinator {
             .push(req.into_inner());
         Ok(tonic::Response::new(pb::ReportConsentResponse {}))
     }
+
+    async fn report_end(
+        &self,
+        _req: tonic::Request<pb::ReportEndRequest>,
+    ) -> Result<tonic::Response<pb::ReportEndResponse>, tonic::Status> {
+        // The real coordinator's handling is tested end to end in the loadtest crate.
+        Ok(tonic::Response::new(pb::ReportEndResponse {}))
+    }
 }
 
 pub async fn start_coordinator(

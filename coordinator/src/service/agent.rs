@@ -157,6 +157,53 @@ impl Core {
     }
 }
 
+impl Core {
+    /// Records how a session ended on its relay, as reported by its host. Idempotent:
+    /// an end already recorded (by the API, the reaper or an earlier report) stands.
+    pub async fn report_end(&self, req: pb::ReportEndRequest) -> Result<(), ApiError> {
+        if req.token.len() > token::MAX_TOKEN_LEN {
+            return Err(ApiError::BadToken(token::TokenError::Malformed(
+                "longer than any valid token",
+            )));
+        }
+        let claims = token::verify(
+            &req.token,
+            &self.config.signing_key.verifying_key(),
+            kakehashi_proto::unix_now(),
+        )
+        .map_err(ApiError::BadToken)?;
+        claims
+            .expect_role(&[Role::Host])
+            .map_err(|_| ApiError::NotHost)?;
+        validate::bounded_text("detail", &req.detail, validate::MAX_DETAIL_CHARS)?;
+        let reason = match pb::EndReason::try_from(req.reason) {
+            Ok(
+                r @ (pb::EndReason::EndedByCustomer
+                | pb::EndReason::EndedByOperator
+                | pb::EndReason::SessionFailed
+                | pb::EndReason::RelayShutdown),
+            ) => r,
+            _ => {
+                return Err(ApiError::InvalidArgument {
+                    field: "reason",
+                    reason: "a host may report ended_by_customer, ended_by_operator, \
+                             session_failed or relay_shutdown"
+                        .into(),
+                });
+            }
+        };
+        let id = claims.session_id;
+        let record = self.get(id).await?;
+        if record.host_participant != Some(claims.participant_id) {
+            return Err(ApiError::NotHost);
+        }
+        match self.end(id, reason, &req.detail).await {
+            Ok(_) | Err(ApiError::SessionEnded(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// The caller's address for the guess limiter; callers without one share a bucket.
 fn source_ip<T>(request: &Request<T>) -> IpAddr {
     request
@@ -198,5 +245,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .await
             .map(|()| Response::new(pb::ReportConsentResponse {}))
             .map_err(|e| e.status("ReportConsent"))
+    }
+
+    async fn report_end(
+        &self,
+        request: Request<pb::ReportEndRequest>,
+    ) -> Result<Response<pb::ReportEndResponse>, Status> {
+        self.core
+            .report_end(request.into_inner())
+            .await
+            .map(|()| Response::new(pb::ReportEndResponse {}))
+            .map_err(|e| e.status("ReportEnd"))
     }
 }
