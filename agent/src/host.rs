@@ -481,6 +481,14 @@ impl Driver {
                 self.end(reason_of(e.reason), e.detail).await;
                 return Flow::Stop;
             }
+            Kind::Drain(d) => {
+                // Moving to another relay is not built yet: the session lasts as long as
+                // this relay does.
+                warn!(
+                    grace_ms = d.grace_ms,
+                    "relay is draining; this agent cannot resume elsewhere yet"
+                );
+            }
             other @ (Kind::Hello(_) | Kind::Welcome(_) | Kind::Grant(_) | Kind::Hangup(_)) => {
                 warn!(signal = ?other, "relay sent a signal meant for the relay; ignored");
             }
@@ -689,7 +697,7 @@ impl Driver {
                 }
                 return;
             }
-            Channel::Screen | Channel::File | Channel::Signal => {
+            Channel::Screen | Channel::File | Channel::Signal | Channel::Ack => {
                 debug!(channel = channel.name(), "channel not handled by the host");
                 return;
             }

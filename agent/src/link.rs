@@ -123,6 +123,7 @@ fn signal_name(kind: &pb::signal::Kind) -> &'static str {
         Kind::KeyFrameRequest(_) => "KeyFrameRequest",
         Kind::Hangup(_) => "Hangup",
         Kind::SessionEnded(_) => "SessionEnded",
+        Kind::Drain(_) => "Drain",
     }
 }
 
@@ -147,7 +148,7 @@ impl ChannelSender {
     fn priority(&self) -> i32 {
         // Input and control must not queue behind a large screen frame.
         match self.channel {
-            Channel::Input | Channel::Control | Channel::Signal => 3,
+            Channel::Input | Channel::Control | Channel::Signal | Channel::Ack => 3,
             Channel::Chat | Channel::Pointer => 2,
             Channel::Screen => 1,
             Channel::File => 0,
@@ -210,7 +211,7 @@ struct Shared {
     // Kept so the UDP socket lives as long as the connection.
     _endpoint: quinn::Endpoint,
     signal: Mutex<SignalSender>,
-    channels: [Mutex<ChannelSender>; 7],
+    channels: [Mutex<ChannelSender>; Channel::ALL.len()],
     // Reader tasks; dropping the set (with the last handle) aborts them.
     _tasks: std::sync::Mutex<JoinSet<()>>,
 }

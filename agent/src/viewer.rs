@@ -394,6 +394,14 @@ impl Driver {
                 return true;
             }
             Kind::KeyFrameRequest(_) => debug!("key frame request is for the host; ignored"),
+            Kind::Drain(d) => {
+                // Moving to another relay is not built yet: the session lasts as long as
+                // this relay does.
+                warn!(
+                    grace_ms = d.grace_ms,
+                    "relay is draining; this agent cannot resume elsewhere yet"
+                );
+            }
             other @ (Kind::Hello(_) | Kind::Welcome(_) | Kind::Grant(_) | Kind::Hangup(_)) => {
                 warn!(signal = ?other, "relay sent a signal meant for the relay; ignored");
             }

@@ -336,15 +336,15 @@ pub async fn relay_directory_places_least_loaded(relays: &dyn RelayDirectory) {
     let known = relays.list().await.expect("list");
     let ids: Vec<String> = known.iter().map(|r| r.relay_id.clone()).collect();
     assert_eq!(ids, vec!["contract-r1", "contract-r2"]);
-    let first = relays.pick().await.expect("pick").relay_id;
-    let second = relays.pick().await.expect("pick").relay_id;
+    let first = relays.pick(None).await.expect("pick").relay_id;
+    let second = relays.pick(None).await.expect("pick").relay_id;
     assert_ne!(
         first, second,
         "the second session goes to the emptier relay"
     );
     relays.release(&first).await.expect("release");
     assert_eq!(
-        relays.pick().await.expect("pick").relay_id,
+        relays.pick(None).await.expect("pick").relay_id,
         first,
         "freed place is reused"
     );
@@ -375,7 +375,7 @@ mod tests {
     async fn an_empty_directory_refuses_placement() {
         let backends = Backends::in_memory(Vec::new());
         assert!(matches!(
-            backends.relays.pick().await,
+            backends.relays.pick(None).await,
             Err(crate::backend::BackendError::NoRelays)
         ));
     }

@@ -10,6 +10,7 @@ pub const RPC_ERRORS: &str = "coordinator_rpc_errors_total";
 pub const RELAY_END_FAILURES: &str = "coordinator_relay_end_failures_total";
 pub const CREATE_SESSION_SECONDS: &str = "coordinator_create_session_seconds";
 pub const REAPER_ERRORS: &str = "coordinator_reaper_errors_total";
+pub const RESUMES: &str = "coordinator_session_migrations_total";
 
 /// Registers help text for every metric. Harmless to call more than once.
 pub fn describe() {
@@ -44,6 +45,11 @@ pub fn describe() {
         CREATE_SESSION_SECONDS,
         Unit::Seconds,
         "Time to create a session: placement, code allocation, record and event."
+    );
+    describe_counter!(
+        RESUMES,
+        Unit::Count,
+        "Sessions moved to another relay after their relay died or drained."
     );
     describe_counter!(
         REAPER_ERRORS,

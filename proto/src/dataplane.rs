@@ -20,7 +20,13 @@
 //!    first frame for it. Frame headers are forwarded unchanged.
 //! 5. **Sequence numbers** start at 1 per (sender, channel) and increase by one; with the
 //!    channel they form the AEAD nonce, so they never repeat under one key.
-//! 6. **Policy.** The relay forwards a data frame only if
+//! 6. **Resume.** Senders keep frames of replayed channels ([`Channel::is_replayed`])
+//!    until the peer acks them on the [`Channel::Ack`] channel (cumulative, end-to-end
+//!    encrypted). After losing a relay, or on `Drain`, a participant calls
+//!    `AgentService.ResumeSession`, attaches to the relay it is given with the new token,
+//!    keeps its keys and sequence numbers, and replays what is unacked; receivers drop
+//!    any sequence number they already delivered, so nothing is lost or duplicated.
+//! 7. **Policy.** The relay forwards a data frame only if
 //!    [`crate::policy::may_forward`] allows it; otherwise it drops and counts it. A
 //!    malformed frame closes the sender's connection with [`close::PROTOCOL`].
 

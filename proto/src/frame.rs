@@ -40,10 +40,13 @@ pub enum Channel {
     Pointer = 5,
     /// File transfer; reliable, only with a file-transfer grant.
     File = 6,
+    /// End-to-end cumulative acks of the peer's reliable channels (`pb::Ack`). Never
+    /// acked or replayed itself: a later ack supersedes an earlier one.
+    Ack = 7,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 7] = [
+    pub const ALL: [Channel; 8] = [
         Channel::Signal,
         Channel::Screen,
         Channel::Input,
@@ -51,6 +54,7 @@ impl Channel {
         Channel::Chat,
         Channel::Pointer,
         Channel::File,
+        Channel::Ack,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -64,12 +68,22 @@ impl Channel {
             Channel::Screen => 4 * 1024 * 1024,
             Channel::File => 256 * 1024,
             Channel::Input | Channel::Control | Channel::Chat | Channel::Pointer => 64 * 1024,
+            Channel::Ack => 4 * 1024,
         }
     }
 
     /// Whether the relay must deliver every frame (never dropped for a slow reader).
     pub fn is_reliable(self) -> bool {
         !matches!(self, Channel::Screen)
+    }
+
+    /// Whether senders keep this channel's frames until acked and replay them after a
+    /// relay move: the channels whose bytes must never be lost or duplicated.
+    pub fn is_replayed(self) -> bool {
+        matches!(
+            self,
+            Channel::Input | Channel::Control | Channel::Chat | Channel::File
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -81,6 +95,7 @@ impl Channel {
             Channel::Chat => "chat",
             Channel::Pointer => "pointer",
             Channel::File => "file",
+            Channel::Ack => "ack",
         }
     }
 }

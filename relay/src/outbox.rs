@@ -101,7 +101,7 @@ impl Outbox {
 /// Stream priority: input and control first, screen behind them, files last.
 fn priority(channel: Channel) -> i32 {
     match channel {
-        Channel::Signal | Channel::Input | Channel::Control => 3,
+        Channel::Signal | Channel::Input | Channel::Control | Channel::Ack => 3,
         Channel::Chat | Channel::Pointer => 2,
         Channel::Screen => 1,
         Channel::File => 0,

@@ -100,6 +100,14 @@ impl pb::agent_service_server::AgentService for TestCoordinator {
         // The real coordinator's handling is tested end to end in the loadtest crate.
         Ok(tonic::Response::new(pb::ReportEndResponse {}))
     }
+
+    async fn resume_session(
+        &self,
+        _req: tonic::Request<pb::ResumeSessionRequest>,
+    ) -> Result<tonic::Response<pb::JoinResponse>, tonic::Status> {
+        // This stand-in has one relay and nowhere to move a session to.
+        Err(tonic::Status::unavailable("no other relay"))
+    }
 }
 
 pub async fn start_coordinator(

@@ -40,9 +40,11 @@ pub trait RelayDirectory: Send + Sync + 'static {
     /// Every relay that may take sessions now.
     fn list(&self) -> BoxFuture<'_, Result<Vec<RelayInfo>, BackendError>>;
 
-    /// Chooses a relay for a new session and counts the session against it.
+    /// Chooses a relay for a new (or resuming) session and counts the session against
+    /// it, never `avoid` (the relay a resuming participant lost).
     /// [`BackendError::NoRelays`] when none is available.
-    fn pick(&self) -> BoxFuture<'_, Result<RelayInfo, BackendError>>;
+    fn pick<'a>(&'a self, avoid: Option<&'a str>)
+    -> BoxFuture<'a, Result<RelayInfo, BackendError>>;
 
     /// A session placed on `relay_id` ended; it no longer counts as load.
     fn release<'a>(&'a self, relay_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>>;
@@ -83,15 +85,24 @@ impl RelayDirectory for StaticRelayDirectory {
         Box::pin(async move { Ok(self.relays.clone()) })
     }
 
-    fn pick(&self) -> BoxFuture<'_, Result<RelayInfo, BackendError>> {
+    fn pick<'a>(
+        &'a self,
+        avoid: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<RelayInfo, BackendError>> {
         Box::pin(async move {
             let mut live = self.lock();
+            // An avoided relay counts as full, so it is chosen by no one.
             let load: Vec<u64> = self
                 .relays
                 .iter()
-                .map(|r| live.get(&r.relay_id).copied().unwrap_or(0))
+                .map(|r| match avoid {
+                    Some(a) if a == r.relay_id => u64::MAX,
+                    _ => live.get(&r.relay_id).copied().unwrap_or(0),
+                })
                 .collect();
-            let i = least_loaded(&load).ok_or(BackendError::NoRelays)?;
+            let i = least_loaded(&load)
+                .filter(|&i| load[i] != u64::MAX)
+                .ok_or(BackendError::NoRelays)?;
             let relay = self.relays[i].clone();
             *live.entry(relay.relay_id.clone()).or_insert(0) += 1;
             Ok(relay)

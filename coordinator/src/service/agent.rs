@@ -204,6 +204,83 @@ impl Core {
     }
 }
 
+impl Core {
+    /// Moves a participant whose relay died or is draining: the session stays where
+    /// another participant already moved it, or goes to a fresh relay (never the failed
+    /// one). The new token keeps the participant's id and public key, so end-to-end keys
+    /// survive; the call-center software sees one `RELAY_MIGRATED` per move.
+    pub async fn resume_session(
+        &self,
+        req: pb::ResumeSessionRequest,
+    ) -> Result<pb::JoinResponse, ApiError> {
+        if req.token.len() > token::MAX_TOKEN_LEN {
+            return Err(ApiError::BadToken(token::TokenError::Malformed(
+                "longer than any valid token",
+            )));
+        }
+        let claims = token::verify(
+            &req.token,
+            &self.config.signing_key.verifying_key(),
+            kakehashi_proto::unix_now(),
+        )
+        .map_err(ApiError::BadToken)?;
+        claims
+            .expect_role(&[Role::Host, Role::Viewer])
+            .map_err(ApiError::BadToken)?;
+        validate::bounded_text(
+            "failed_relay_id",
+            &req.failed_relay_id,
+            token::MAX_RELAY_ID_LEN,
+        )?;
+        let id = claims.session_id;
+        let record = self.get(id).await?;
+        if record.is_ended() {
+            return Err(ApiError::SessionEnded(id));
+        }
+        if claims.role == Role::Host && record.host_participant != Some(claims.participant_id) {
+            return Err(ApiError::NotHost);
+        }
+        let failed = req.failed_relay_id;
+        let record = if record.relay.relay_id == failed {
+            let fresh = self.backends.relays.pick(Some(&failed)).await?;
+            let mut moved = false;
+            let record = self
+                .modify(id, |r| {
+                    if r.is_ended() {
+                        return Err(ApiError::SessionEnded(id));
+                    }
+                    // Another participant may have moved it meanwhile: follow them.
+                    moved = r.relay.relay_id == failed;
+                    if moved {
+                        r.relay = fresh.clone();
+                    }
+                    Ok(())
+                })
+                .await?;
+            // Exactly one of the two relays keeps this session's count.
+            let unused = if moved { &failed } else { &fresh.relay_id };
+            if let Err(e) = self.backends.relays.release(unused).await {
+                tracing::warn!(session = %id, error = %e, "could not release a relay placement");
+            }
+            if moved {
+                metrics::counter!(telemetry::RESUMES).increment(1);
+                tracing::info!(session = %id, from = %failed, to = %record.relay.relay_id, "session migrated");
+                self.publish(&record, pb::EventKind::RelayMigrated).await?;
+            }
+            record
+        } else {
+            record
+        };
+        let token = self.participant_token(
+            &record,
+            claims.role,
+            claims.participant_id,
+            claims.public_key,
+        )?;
+        Ok(self.join_response(&record, token))
+    }
+}
+
 /// The caller's address for the guess limiter; callers without one share a bucket.
 fn source_ip<T>(request: &Request<T>) -> IpAddr {
     request
@@ -256,5 +333,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .await
             .map(|()| Response::new(pb::ReportEndResponse {}))
             .map_err(|e| e.status("ReportEnd"))
+    }
+
+    async fn resume_session(
+        &self,
+        request: Request<pb::ResumeSessionRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        self.core
+            .resume_session(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status("ResumeSession"))
     }
 }

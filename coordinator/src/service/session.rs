@@ -45,7 +45,7 @@ impl Core {
 
         let id = Self::new_session_id()?;
         let ticket = random::bytes::<32>()?;
-        let relay = self.backends.relays.pick().await?;
+        let relay = self.backends.relays.pick(None).await?;
         let code = match self
             .backends
             .codes
