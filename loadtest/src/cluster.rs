@@ -9,9 +9,14 @@ use kakehashi_coordinator::{
 };
 use kakehashi_relay::{Relay, RelayConfig, RelayHandle};
 
+use crate::proxy::UdpProxy;
+
 pub struct LocalCluster {
     pub coordinator: CoordinatorHandle,
     pub relays: Vec<RelayHandle>,
+    /// With [`ClusterBuilder::proxied`]: one UDP proxy in front of each relay, which is
+    /// the address agents are given; `proxies[i]` fronts `relays[i]`.
+    pub proxies: Vec<UdpProxy>,
     /// The cluster's token-signing key, for tests that forge or craft tokens.
     pub signing_key: SigningKey,
 }
@@ -22,6 +27,7 @@ type CoordinatorHook = Box<dyn Fn(&mut CoordinatorConfig) + Send>;
 /// Builds a [`LocalCluster`]; the hooks let tests adjust each config before start.
 pub struct ClusterBuilder {
     relays: usize,
+    proxied: bool,
     relay_config: RelayHook,
     coordinator_config: CoordinatorHook,
 }
@@ -30,6 +36,7 @@ impl Default for ClusterBuilder {
     fn default() -> Self {
         Self {
             relays: 1,
+            proxied: false,
             relay_config: Box::new(|_, _| {}),
             coordinator_config: Box::new(|_| {}),
         }
@@ -39,6 +46,13 @@ impl Default for ClusterBuilder {
 impl ClusterBuilder {
     pub fn relays(mut self, n: usize) -> Self {
         self.relays = n;
+        self
+    }
+
+    /// Puts a [`UdpProxy`] in front of every relay, for WAN impairment or to make a
+    /// relay vanish silently (`proxies[i].blackhole(true)`).
+    pub fn proxied(mut self) -> Self {
+        self.proxied = true;
         self
     }
 
@@ -70,7 +84,17 @@ impl ClusterBuilder {
                     .context("relay failed to start")?,
             );
         }
-        let infos = relays.iter().map(relay_info).collect::<Vec<_>>();
+        let mut infos = relays.iter().map(relay_info).collect::<Vec<_>>();
+        let mut proxies = Vec::new();
+        if self.proxied {
+            for (relay, info) in relays.iter().zip(infos.iter_mut()) {
+                let proxy = UdpProxy::start(relay.quic_addr())
+                    .await
+                    .context("proxy failed to start")?;
+                info.quic_addr = proxy.local_addr().to_string();
+                proxies.push(proxy);
+            }
+        }
         let mut config = CoordinatorConfig::dev(infos.clone());
         config.signing_key = signing_key.clone();
         (self.coordinator_config)(&mut config);
@@ -80,6 +104,7 @@ impl ClusterBuilder {
         Ok(LocalCluster {
             coordinator,
             relays,
+            proxies,
             signing_key,
         })
     }

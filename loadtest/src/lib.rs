@@ -7,10 +7,12 @@
 //! - [`services`]: real Redis / etcd for tests, from the environment or started here.
 //! - [`dev`]: the dev command: one real session through a local cluster, step by step.
 //! - [`latency`]: percentile summaries of frame latency.
+//! - [`proxy`]: a UDP impairment proxy (delay, jitter, loss, blackhole).
 
 pub mod cluster;
 pub mod dev;
 pub mod latency;
+pub mod proxy;
 pub mod services;
 
 pub use cluster::{ClusterBuilder, LocalCluster};
