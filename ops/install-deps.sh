@@ -8,6 +8,8 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server redis-tools)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server etcd-client)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# promtool (rule checks and tests in ops/check-ops.sh) ships only in the server package.
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then sudo=(); elif command -v sudo >/dev/null 2>&1; then sudo=(sudo); else

@@ -44,6 +44,15 @@ pub enum AgentError {
     NoPeer,
     #[error("the session is over")]
     Ended,
+    #[error(
+        "the peer acknowledged nothing on the {channel} channel for {waited:?} while its replay buffer was full"
+    )]
+    Stalled {
+        channel: &'static str,
+        waited: std::time::Duration,
+    },
+    #[error("the session moved to another relay while this frame was being sent; it was not sent")]
+    Moved,
 }
 
 impl AgentError {

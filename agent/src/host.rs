@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kakehashi_proto::frame::FLAG_KEY_FRAME;
 use kakehashi_proto::pb::agent_service_client::AgentServiceClient;
@@ -22,11 +22,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::conduit::{Conduit, Via};
 use crate::consent::{self, Consent, ConsentRequest};
 use crate::crypto::{Keypair, Side};
 use crate::error::{AgentError, connect_coordinator};
 use crate::link::{LinkError, LinkReceiver, LinkSender, RelayLink};
 use crate::peer::{self, Joined, Peer};
+use crate::reliable::{RecvTracker, Verdict};
+use crate::resume::{Failure, Moved, Resumer};
 
 mod synthetic;
 
@@ -38,6 +41,16 @@ const EVENT_QUEUE: usize = 1024;
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After `SessionEnded` or a hangup the relay closes; wait this long for it.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
+/// How often delivered frames are acknowledged (when something new arrived).
+pub(crate) const ACK_INTERVAL: Duration = Duration::from_millis(100);
+/// Kept frames the peer has not acknowledged for this long, with no ack progress at
+/// all, were dropped on the way and are written again.
+pub(crate) const RETRANSMIT_AFTER: Duration = Duration::from_secs(2);
+/// After the peer left, how long to keep asking the coordinator whether it moved the
+/// session to another relay.
+pub(crate) const FOLLOW_FOR: Duration = Duration::from_secs(60);
+const FOLLOW_FIRST: Duration = Duration::from_millis(300);
+const FOLLOW_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct HostConfig {
@@ -72,6 +85,12 @@ pub enum HostEvent {
     Pointer(pb::PointerHint),
     /// A viewer lost frames: the next screen frame should be a key frame.
     KeyFrameRequested,
+    /// The session moved to relay `relay_id` after the previous one was lost or
+    /// drained, `after_ms` after the loss was noticed. Nothing reliable was lost.
+    Resumed {
+        relay_id: String,
+        after_ms: u64,
+    },
     Ended {
         reason: pb::EndReason,
         detail: String,
@@ -90,8 +109,26 @@ struct Shared {
     joined: Joined,
     mode: Mode,
     state: Mutex<State>,
+    /// This participant's newest token (each resume brings a fresh one).
+    token: Mutex<Vec<u8>>,
     key_frame_wanted: AtomicBool,
-    dropped_frames: AtomicU64,
+    /// A viewer just arrived (first join, or back after a relay move): it cannot
+    /// decode a delta frame before a key frame, so deltas are withheld until one goes.
+    viewer_needs_key: AtomicBool,
+    /// This host re-sent its grant to a new relay, which has not confirmed it yet.
+    regranting: AtomicBool,
+    /// [`Host::force_resume`]: move as if the relay were lost.
+    force_move: tokio::sync::Notify,
+    counters: Counters,
+}
+
+/// What the receiving side dropped, by cause.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub dropped: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub out_of_order: AtomicU64,
+    pub resumes: AtomicU64,
 }
 
 impl Shared {
@@ -99,6 +136,10 @@ impl Shared {
         // A panic while holding the lock cannot leave the state half-updated in a way
         // that matters more than stopping, so keep going with it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn token(&self) -> Vec<u8> {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -110,7 +151,7 @@ impl Shared {
 pub struct Host {
     shared: Arc<Shared>,
     participant_id: u64,
-    tx: LinkSender,
+    conduit: Arc<Conduit>,
     events: mpsc::Receiver<HostEvent>,
     answers: mpsc::UnboundedSender<Permissions>,
     cancel: CancellationToken,
@@ -153,7 +194,9 @@ impl Host {
         Ok(Self::start(joined, me, link, welcome, config, Some(agent)))
     }
 
-    /// Starts a host on an attached link. `reporter` receives `ReportConsent` calls.
+    /// Starts a host on an attached link. `coordinator` receives `ReportConsent` and
+    /// `ReportEnd` calls and answers `ResumeSession`; without it the session ends with
+    /// its relay.
     #[doc(hidden)]
     // Public so integration tests can run a host against a test relay without a
     // coordinator; applications use `join`.
@@ -163,12 +206,15 @@ impl Host {
         link: RelayLink,
         welcome: pb::Welcome,
         config: HostConfig,
-        reporter: Option<AgentServiceClient<tonic::transport::Channel>>,
+        coordinator: Option<AgentServiceClient<tonic::transport::Channel>>,
     ) -> Host {
         let participant_id = link.participant_id();
         let (tx, rx) = link.into_parts();
         let mode = joined.claims.mode;
+        let conduit = Arc::new(Conduit::new(tx, Role::Host, mode));
+        let relay_id = joined.relay.relay_id.clone();
         let shared = Arc::new(Shared {
+            token: Mutex::new(joined.token.clone()),
             joined,
             mode,
             state: Mutex::new(State {
@@ -178,7 +224,10 @@ impl Host {
                 ended: false,
             }),
             key_frame_wanted: AtomicBool::new(true),
-            dropped_frames: AtomicU64::new(0),
+            viewer_needs_key: AtomicBool::new(true),
+            regranting: AtomicBool::new(false),
+            force_move: tokio::sync::Notify::new(),
+            counters: Counters::default(),
         });
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (answers, answers_rx) = mpsc::unbounded_channel();
@@ -186,13 +235,18 @@ impl Host {
         let driver = Driver {
             shared: shared.clone(),
             me,
-            tx: tx.clone(),
+            conduit: conduit.clone(),
             events: events_tx,
             answers_tx: answers.clone(),
             consent: config.consent,
             queue: VecDeque::new(),
             asking: None,
-            reporter,
+            resumer: Resumer::new(coordinator.clone(), Role::Host),
+            reporter: coordinator,
+            relay_id,
+            tracker: RecvTracker::default(),
+            follow: None,
+            replays: JoinSet::new(),
             prompts: JoinSet::new(),
             reports: JoinSet::new(),
         };
@@ -210,7 +264,7 @@ impl Host {
         Host {
             shared,
             participant_id,
-            tx,
+            conduit,
             events,
             answers,
             cancel,
@@ -238,9 +292,32 @@ impl Host {
         self.shared.state().granted
     }
 
-    /// Frames from the viewer dropped because they were not allowed or did not decrypt.
+    /// Frames from the viewer dropped because they were not allowed, did not decrypt,
+    /// or arrived out of order.
     pub fn dropped_frames(&self) -> u64 {
-        self.shared.dropped_frames.load(Ordering::Relaxed)
+        self.shared.counters.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Reliable frames from the viewer received again after a relay move and dropped
+    /// (they had been delivered already).
+    pub fn duplicate_frames(&self) -> u64 {
+        self.shared.counters.duplicates.load(Ordering::Relaxed)
+    }
+
+    /// Reliable frames from the viewer that arrived ahead of a missing one and were
+    /// dropped until the replay filled the gap (a protocol error if it persists).
+    pub fn out_of_order_frames(&self) -> u64 {
+        self.shared.counters.out_of_order.load(Ordering::Relaxed)
+    }
+
+    /// How many times the session moved to another relay.
+    pub fn resumes(&self) -> u64 {
+        self.shared.counters.resumes.load(Ordering::Relaxed)
+    }
+
+    /// Frames sent on `channel` that the viewer has not acknowledged yet.
+    pub fn unacked(&self, channel: Channel) -> usize {
+        self.conduit.unacked(channel)
     }
 
     /// The next event; `None` after the session ended and every event was read.
@@ -259,26 +336,92 @@ impl Host {
     }
 
     /// Sends a screen frame to the viewer. `Ok(false)`: withheld, because VIEW is not
-    /// granted or no viewer is attached. Sealed for the current (most recent) viewer
-    /// only; several viewers come in a later issue.
+    /// granted or no viewer is attached to this host's relay (the session is moving).
+    /// Sealed for the current (most recent) viewer only; several viewers come in a
+    /// later issue. After a withheld or failed frame, [`Host::wants_key_frame`] is set:
+    /// whoever sees the next frame has missed the ones before.
     pub async fn send_screen(&self, frame: pb::ScreenFrame) -> Result<bool, AgentError> {
-        let peer = {
+        let (peer, link) = {
             let state = self.shared.state();
             if state.ended {
                 return Err(AgentError::Ended);
             }
-            if may_forward(Channel::Screen, Role::Host, self.shared.mode, state.granted).is_err() {
-                return Ok(false);
-            }
-            match state.current.and_then(|id| state.viewers.get(&id)) {
-                Some(p) => p.clone(),
-                None => return Ok(false),
+            let peer = state.current.and_then(|id| state.viewers.get(&id));
+            // Presence first: the driver marks a returning viewer as needing a key
+            // frame before it marks it present, so a present viewer's flag is seen.
+            let reachable = peer.and_then(|p| self.conduit.reaches(p.participant_id));
+            let needs_key =
+                !frame.key_frame && self.shared.viewer_needs_key.load(Ordering::Acquire);
+            // After a move the new relay drops screen frames until it has applied the
+            // grant this host re-sent: a key frame lost that way would leave the viewer
+            // with deltas it cannot decode.
+            let regranting = self.shared.regranting.load(Ordering::Acquire);
+            match (peer, reachable) {
+                (Some(p), Some(link))
+                    if !needs_key
+                        && !regranting
+                        && may_forward(
+                            Channel::Screen,
+                            Role::Host,
+                            self.shared.mode,
+                            state.granted,
+                        )
+                        .is_ok() =>
+                {
+                    (p.clone(), link)
+                }
+                _ => {
+                    self.shared.key_frame_wanted.store(true, Ordering::Relaxed);
+                    return Ok(false);
+                }
             }
         };
         let flags = if frame.key_frame { FLAG_KEY_FRAME } else { 0 };
         let payload = frame.encode_to_vec();
-        peer::send_sealed(&self.tx, &peer.keys, Channel::Screen, flags, &payload).await?;
-        Ok(true)
+        // Only on the link the viewer was seen on: after a move it needs a key frame.
+        let sent = self
+            .conduit
+            .send_with(
+                &peer.keys,
+                peer.participant_id,
+                Channel::Screen,
+                flags,
+                &payload,
+                Via::Link(link),
+            )
+            .await;
+        match sent {
+            Ok(()) => {
+                if frame.key_frame {
+                    self.shared.viewer_needs_key.store(false, Ordering::Release);
+                }
+                Ok(true)
+            }
+            Err(AgentError::Moved) => {
+                self.shared.key_frame_wanted.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => {
+                self.shared.key_frame_wanted.store(true, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves the session to another relay as if this host had lost its relay (its own
+    /// network path broke while the relay and the viewer's path are fine): the viewer
+    /// notices its peer left and follows.
+    #[doc(hidden)]
+    // Exists for tests of the one-sided loss; a real loss is detected by the link.
+    pub fn force_resume(&self) {
+        self.shared.force_move.notify_one();
+    }
+
+    /// Whether the next screen frame should be a key frame (a viewer asked, joined,
+    /// came back after a relay move, or missed frames), clearing the request. For
+    /// applications that drive the screen themselves; [`Host::run_synthetic`] does this.
+    pub fn wants_key_frame(&self) -> bool {
+        self.shared.key_frame_wanted.swap(false, Ordering::Relaxed)
     }
 
     /// Sends a chat line to the viewer.
@@ -298,13 +441,21 @@ impl Host {
             text: text.to_owned(),
             sent_at_unix_ms: now_ms(),
         };
-        peer::send_sealed(&self.tx, &peer.keys, Channel::Chat, 0, &msg.encode_to_vec()).await
+        self.conduit
+            .send(
+                &peer.keys,
+                peer.participant_id,
+                Channel::Chat,
+                0,
+                &msg.encode_to_vec(),
+            )
+            .await
     }
 
     /// Ends the session for everyone: sends `Hangup`, waits briefly for the relay to
     /// close, then leaves.
     pub async fn hangup(&self, reason: pb::EndReason, detail: &str) -> Result<(), AgentError> {
-        hangup(&self.tx, reason, detail).await
+        hangup(&self.conduit.tx(), reason, detail).await
     }
 
     /// Streams a synthetic screen at `screen.fps` until the session ends, sending a key
@@ -352,6 +503,7 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.cancel.cancel();
+        self.conduit.end();
     }
 }
 
@@ -385,7 +537,7 @@ pub(crate) fn now_ms() -> i64 {
 struct Driver {
     shared: Arc<Shared>,
     me: Keypair,
-    tx: LinkSender,
+    conduit: Arc<Conduit>,
     events: mpsc::Sender<HostEvent>,
     answers_tx: mpsc::UnboundedSender<Permissions>,
     consent: Consent,
@@ -394,16 +546,58 @@ struct Driver {
     /// The question the customer is looking at now. One at a time, so an answer is
     /// never applied to the wrong question.
     asking: Option<ConsentRequest>,
+    resumer: Resumer,
     reporter: Option<AgentServiceClient<tonic::transport::Channel>>,
+    /// The relay this host is attached to now.
+    relay_id: String,
+    /// What was delivered from each viewer, for duplicates and acks.
+    tracker: RecvTracker,
+    /// Asking the coordinator whether the viewer moved the session elsewhere.
+    follow: Option<Follow>,
+    // Replays of kept frames: they may wait on flow control while the driver reads on.
+    replays: JoinSet<()>,
     // Terminal prompts: a prompt left open when the session ends is abandoned.
     prompts: JoinSet<()>,
     // ReportConsent calls: each bounded, finished before the driver stops.
     reports: JoinSet<()>,
 }
 
+/// When to ask next whether the peer moved the session, and until when to keep asking.
+pub(crate) struct Follow {
+    pub at: tokio::time::Instant,
+    pub delay: Duration,
+    pub until: tokio::time::Instant,
+}
+
+impl Follow {
+    pub(crate) fn start() -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            at: now + FOLLOW_FIRST,
+            delay: FOLLOW_FIRST,
+            until: now + FOLLOW_FOR,
+        }
+    }
+
+    /// The next check, or `None` once the peer has been gone for [`FOLLOW_FOR`].
+    pub(crate) fn next(self) -> Option<Self> {
+        let delay = (self.delay * 2).min(FOLLOW_MAX);
+        let at = tokio::time::Instant::now() + delay;
+        (at < self.until).then_some(Self { at, delay, ..self })
+    }
+}
+
 enum Flow {
     Continue,
     Stop,
+    /// The relay is gone (or going): resume elsewhere. `reason` is how the session
+    /// ends if that fails.
+    Move {
+        why: String,
+        reason: pb::EndReason,
+    },
+    /// Time to ask whether the viewer moved the session.
+    Follow,
 }
 
 impl Driver {
@@ -414,37 +608,52 @@ impl Driver {
         welcome: pb::Welcome,
         cancel: CancellationToken,
     ) {
-        if welcome.granted != 0 {
-            // Grants this process did not hear the customer give do not count.
-            self.send_grant(Permissions::NONE).await;
-        }
-        for token in &welcome.peer_tokens {
-            self.accept_viewer(token).await;
-        }
+        self.on_welcome(welcome).await;
+        let mut ticks = tokio::time::interval(ACK_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let follow_at = self.follow.as_ref().map(|f| f.at);
             let flow = tokio::select! {
                 _ = cancel.cancelled() => Flow::Stop,
                 sig = rx.signals.recv() => match sig {
                     Some(Ok(kind)) => self.on_signal(kind).await,
-                    Some(Err(e)) => { self.end_from_link(e).await; Flow::Stop }
+                    Some(Err(e)) => self.link_failed(e).await,
                     None => {
-                        let e = match tokio::time::timeout(CLOSE_GRACE, self.tx.closed()).await {
+                        let tx = self.conduit.tx();
+                        let e = match tokio::time::timeout(CLOSE_GRACE, tx.closed()).await {
                             Ok(e) => e,
                             Err(_) => LinkError::SignalStreamClosed,
                         };
-                        self.end_from_link(e).await;
-                        Flow::Stop
+                        self.link_failed(e).await
                     }
                 },
                 Some(frame) = rx.frames.recv() => { self.on_frame(frame).await; Flow::Continue }
                 Some(answer) = answers.recv() => { self.on_answer(answer).await; Flow::Continue }
+                _ = ticks.tick() => { self.tick().await; Flow::Continue }
+                _ = tokio::time::sleep_until(follow_at.unwrap_or_else(tokio::time::Instant::now)), if follow_at.is_some() => Flow::Follow,
+                () = self.shared.force_move.notified() => Flow::Move {
+                    why: "asked to move (test hook)".into(),
+                    reason: pb::EndReason::Unspecified,
+                },
+                Some(_) = self.replays.join_next(), if !self.replays.is_empty() => Flow::Continue,
                 Some(_) = self.prompts.join_next(), if !self.prompts.is_empty() => Flow::Continue,
                 Some(_) = self.reports.join_next(), if !self.reports.is_empty() => Flow::Continue,
             };
-            if let Flow::Stop = flow {
-                break;
+            match flow {
+                Flow::Continue => {}
+                Flow::Stop => break,
+                Flow::Move { why, reason } => match self.resume(&why, reason, &cancel).await {
+                    Some(new_rx) => rx = new_rx,
+                    None => break,
+                },
+                Flow::Follow => {
+                    if let Some(new_rx) = self.follow().await {
+                        rx = new_rx;
+                    }
+                }
             }
         }
+        self.conduit.end();
         // Let consent reports already under way finish (each is bounded by
         // REPORT_TIMEOUT); open prompts are aborted when `prompts` drops.
         while self.reports.join_next().await.is_some() {}
@@ -455,45 +664,190 @@ impl Driver {
         let _ = self.events.send(ev).await;
     }
 
+    fn spawn_replay(&mut self) {
+        self.replays.spawn(self.conduit.clone().replay_opened());
+    }
+
+    /// What the relay's Welcome says, on the first attach and after every move.
+    async fn on_welcome(&mut self, welcome: pb::Welcome) {
+        let relay_granted = Permissions::from_bits(welcome.granted).unwrap_or(Permissions::NONE);
+        let mine = self.shared.state().granted;
+        if relay_granted != mine {
+            // A new relay starts with nothing granted, and grants this process did not
+            // hear the customer give do not count: the relay gets this host's set.
+            if !mine.is_empty() {
+                self.shared.regranting.store(true, Ordering::Release);
+            }
+            self.send_grant(mine).await;
+        }
+        if self.conduit.set_relay_granted(relay_granted) {
+            self.spawn_replay();
+        }
+        for token in &welcome.peer_tokens {
+            self.accept_viewer(token).await;
+        }
+    }
+
+    /// The link failed without the session ending: resume if the relay is what was
+    /// lost, otherwise end.
+    async fn link_failed(&mut self, e: LinkError) -> Flow {
+        if e.is_relay_loss() {
+            Flow::Move {
+                why: e.to_string(),
+                reason: e.end_reason(),
+            }
+        } else {
+            self.end_from_link(e).await;
+            Flow::Stop
+        }
+    }
+
     async fn on_signal(&mut self, kind: pb::signal::Kind) -> Flow {
         use pb::signal::Kind;
         match kind {
             Kind::PeerJoined(p) => self.accept_viewer(&p.token).await,
             Kind::PeerLeft(p) => {
-                let mut state = self.shared.state();
-                if state.viewers.remove(&p.participant_id).is_some() {
-                    info!(participant = p.participant_id, "viewer left");
-                }
-                if state.current == Some(p.participant_id) {
-                    state.current = state.viewers.keys().max().copied();
-                }
-                drop(state);
+                // Kept (keys, kept frames, what was delivered): a viewer that left
+                // because its relay died comes back with the same key.
+                info!(participant = p.participant_id, "viewer left");
+                let current = self.shared.state().current;
+                let _ = self.conduit.set_present(p.participant_id, false);
                 self.queue.retain(|r| r.viewer != p.participant_id);
+                if current == Some(p.participant_id) {
+                    self.follow = Some(Follow::start());
+                }
             }
             Kind::GrantsChanged(g) => {
                 debug!(granted = g.granted, "relay confirms grants");
+                let granted = Permissions::from_bits(g.granted).unwrap_or(Permissions::NONE);
+                self.shared.regranting.store(false, Ordering::Release);
+                if self.conduit.set_relay_granted(granted) {
+                    self.spawn_replay();
+                }
             }
             Kind::KeyFrameRequest(_) => {
                 self.shared.key_frame_wanted.store(true, Ordering::Relaxed);
                 self.emit(HostEvent::KeyFrameRequested).await;
+            }
+            Kind::SessionEnded(e) if reason_of(e.reason) == pb::EndReason::RelayShutdown => {
+                // The relay is going away, not the session: it goes on elsewhere.
+                return Flow::Move {
+                    why: format!("the relay is shutting down: {}", e.detail),
+                    reason: pb::EndReason::RelayShutdown,
+                };
             }
             Kind::SessionEnded(e) => {
                 self.end(reason_of(e.reason), e.detail).await;
                 return Flow::Stop;
             }
             Kind::Drain(d) => {
-                // Moving to another relay is not built yet: the session lasts as long as
-                // this relay does.
-                warn!(
-                    grace_ms = d.grace_ms,
-                    "relay is draining; this agent cannot resume elsewhere yet"
-                );
+                return Flow::Move {
+                    why: format!("the relay is draining (grace {} ms)", d.grace_ms),
+                    reason: pb::EndReason::RelayShutdown,
+                };
             }
             other @ (Kind::Hello(_) | Kind::Welcome(_) | Kind::Grant(_) | Kind::Hangup(_)) => {
                 warn!(signal = ?other, "relay sent a signal meant for the relay; ignored");
             }
         }
         Flow::Continue
+    }
+
+    /// Moves the session to another relay: asks the coordinator, attaches, keeps the
+    /// keys and sequence numbers, re-sends the grant and replays what is unacked.
+    async fn resume(
+        &mut self,
+        why: &str,
+        reason: pb::EndReason,
+        cancel: &CancellationToken,
+    ) -> Option<LinkReceiver> {
+        let lost_at = Instant::now();
+        warn!(relay = %self.relay_id, %why, "lost the relay; resuming the session elsewhere");
+        let token = self.shared.token();
+        let failed = self.relay_id.clone();
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = self.resumer.resume(&self.me, &self.shared.joined, &token, &failed) => r,
+        };
+        match result {
+            Ok(moved) => Some(self.adopt(moved, lost_at).await),
+            Err(Failure::Refused(detail)) => {
+                self.end(pb::EndReason::Unspecified, detail).await;
+                None
+            }
+            Err(Failure::GaveUp(detail)) => {
+                self.end(reason, format!("{why}; {detail}")).await;
+                None
+            }
+        }
+    }
+
+    async fn follow(&mut self) -> Option<LinkReceiver> {
+        let f = self.follow.take()?;
+        let token = self.shared.token();
+        let asked_at = Instant::now();
+        match self
+            .resumer
+            .follow(&self.me, &self.shared.joined, &token, &self.relay_id)
+            .await
+        {
+            Some(moved) => Some(self.adopt(moved, asked_at).await),
+            None => {
+                self.follow = f.next();
+                None
+            }
+        }
+    }
+
+    /// Switches to the new relay's link and tells the application.
+    async fn adopt(&mut self, moved: Moved, lost_at: Instant) -> LinkReceiver {
+        let Moved {
+            joined,
+            link,
+            welcome,
+        } = moved;
+        *self.shared.token.lock().unwrap_or_else(|p| p.into_inner()) = joined.token.clone();
+        self.relay_id = joined.relay.relay_id.clone();
+        let (tx, rx) = link.into_parts();
+        self.conduit.install(tx).await;
+        self.follow = None;
+        // The viewer may have missed frames while the session moved.
+        self.shared.key_frame_wanted.store(true, Ordering::Relaxed);
+        self.on_welcome(welcome).await;
+        self.shared.counters.resumes.fetch_add(1, Ordering::Relaxed);
+        let after_ms = u64::try_from(lost_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        info!(relay = %self.relay_id, after_ms, "session resumed");
+        self.emit(HostEvent::Resumed {
+            relay_id: self.relay_id.clone(),
+            after_ms,
+        })
+        .await;
+        rx
+    }
+
+    /// Periodic work: acknowledge what was delivered, write again what the viewer
+    /// has left unacknowledged for too long.
+    async fn tick(&mut self) {
+        if self.tracker.is_dirty() {
+            self.send_acks().await;
+        }
+        if self.replays.is_empty() && self.conduit.has_unacked() {
+            self.replays
+                .spawn(self.conduit.clone().retransmit_stalled(RETRANSMIT_AFTER));
+        }
+    }
+
+    async fn send_acks(&mut self) {
+        let viewers: Vec<Peer> = self.shared.state().viewers.values().cloned().collect();
+        for v in viewers {
+            let ack = self.tracker.ack_for(v.participant_id);
+            if ack.channels.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.conduit.send_ack(&v.keys, v.participant_id, &ack).await {
+                debug!(error = %e, "ack not sent; the next one carries it");
+            }
+        }
     }
 
     async fn accept_viewer(&mut self, token: &[u8]) {
@@ -513,16 +867,39 @@ impl Driver {
         };
         let id = peer.participant_id;
         let sas = peer.sas().to_owned();
-        {
-            let mut state = self.shared.state();
-            // The same token can arrive twice (in Welcome and as PeerJoined): same
-            // participant and key, nothing new to tell or ask.
-            if state.viewers.get(&id).is_some_and(|p| p.sas() == sas) {
+        let known = self
+            .shared
+            .state()
+            .viewers
+            .get(&id)
+            .map(|p| p.public_key == peer.public_key);
+        match known {
+            Some(false) => {
+                // The coordinator binds one key per participant for the whole session:
+                // another key under a known id is not the person the customer approved.
+                warn!(
+                    participant = id,
+                    "a known viewer came back with another public key; refused"
+                );
                 return;
             }
+            Some(true) => {
+                // The same viewer again: its token in Welcome and PeerJoined, or back
+                // after a relay move. Nothing to tell or ask; it gets what it missed.
+                self.viewer_present(id).await;
+                return;
+            }
+            None => {}
+        }
+        {
+            let mut state = self.shared.state();
             state.viewers.insert(id, peer);
             state.current = Some(id);
         }
+        if self.conduit.set_peer(Some(id)) {
+            self.spawn_replay();
+        }
+        self.viewer_present(id).await;
         info!(participant = id, %sas, "viewer joined");
         self.emit(HostEvent::PeerJoined {
             participant_id: id,
@@ -536,6 +913,31 @@ impl Driver {
             sas,
         })
         .await;
+    }
+
+    /// A viewer is attached on the current link: replay to it, tell it what was
+    /// delivered, and give it a key frame.
+    async fn viewer_present(&mut self, id: u64) {
+        if self.shared.state().current == Some(id) {
+            self.follow = None;
+        }
+        if self.conduit.reaches(id).is_none() {
+            // Screen frames were withheld while it was away.
+            self.shared.viewer_needs_key.store(true, Ordering::Release);
+            self.shared.key_frame_wanted.store(true, Ordering::Relaxed);
+        }
+        if self.conduit.set_present(id, true) {
+            self.spawn_replay();
+        }
+        let peer = self.shared.state().viewers.get(&id).cloned();
+        if let Some(peer) = peer {
+            let ack = self.tracker.ack_for(id);
+            if !ack.channels.is_empty()
+                && let Err(e) = self.conduit.send_ack(&peer.keys, id, &ack).await
+            {
+                debug!(error = %e, "ack not sent; the next one carries it");
+            }
+        }
     }
 
     /// Queues a question for the customer, unless there is nothing to ask.
@@ -625,7 +1027,7 @@ impl Driver {
         let sig = pb::signal::Kind::Grant(pb::Grant {
             granted: granted.bits(),
         });
-        if let Err(e) = self.tx.send_signal(sig).await {
+        if let Err(e) = self.conduit.tx().send_signal(sig).await {
             warn!(error = %e, "could not send the grant to the relay");
         }
     }
@@ -637,7 +1039,7 @@ impl Driver {
             return;
         };
         let req = pb::ReportConsentRequest {
-            token: self.shared.joined.token.clone(),
+            token: self.shared.token(),
             granted: granted.bits(),
             denied: denied.bits(),
         };
@@ -652,14 +1054,7 @@ impl Driver {
 
     async fn on_frame(&mut self, frame: Frame) {
         let channel = frame.header.channel;
-        let granted = self.shared.state().granted;
-        // The same rule the relay applies, so a relay that forwards too much gains
-        // nothing: input is obeyed only in a control session with CONTROL granted.
-        if let Err(denied) = may_forward(channel, Role::Viewer, self.shared.mode, granted) {
-            self.shared.dropped_frames.fetch_add(1, Ordering::Relaxed);
-            warn!(channel = channel.name(), seq = frame.header.seq, %denied, "dropped a frame from the viewer");
-            return;
-        }
+        let seq = frame.header.seq;
         let opened = {
             let state = self.shared.state();
             state
@@ -668,14 +1063,59 @@ impl Driver {
                 .find_map(|p| p.open(&frame).ok().map(|pt| (p.participant_id, pt)))
         };
         let Some((from, plaintext)) = opened else {
-            self.shared.dropped_frames.fetch_add(1, Ordering::Relaxed);
+            self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
             warn!(
                 channel = channel.name(),
-                seq = frame.header.seq,
-                "frame from the relay does not decrypt with any viewer's key; dropped"
+                seq, "frame from the relay does not decrypt with any viewer's key; dropped"
             );
             return;
         };
+        if channel == Channel::Ack {
+            match peer::decode::<pb::Ack>(channel, &plaintext) {
+                Ok(ack) => self.conduit.on_ack(from, &ack),
+                Err(e) => warn!(error = %e, "bad ack"),
+            }
+            return;
+        }
+        if channel.is_replayed() {
+            match self.tracker.accept(from, channel, seq) {
+                Verdict::Deliver => {}
+                Verdict::Duplicate => {
+                    self.shared
+                        .counters
+                        .duplicates
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Verdict::Gap { expected } => {
+                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    let n = self
+                        .shared
+                        .counters
+                        .out_of_order
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
+                    warn!(
+                        channel = channel.name(),
+                        seq,
+                        expected,
+                        total = n,
+                        "reliable frame ahead of a missing one; dropped until the replay fills the gap"
+                    );
+                    return;
+                }
+            }
+        }
+        let granted = self.shared.state().granted;
+        // The same rule the relay applies, so a relay that forwards too much gains
+        // nothing: input is obeyed only in a control session with CONTROL granted. A
+        // refused frame still counts as delivered, so it is acknowledged and not sent
+        // again.
+        if let Err(denied) = may_forward(channel, Role::Viewer, self.shared.mode, granted) {
+            self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            warn!(channel = channel.name(), seq, %denied, "dropped a frame from the viewer");
+            return;
+        }
         let event = match channel {
             Channel::Input => {
                 peer::decode::<pb::InputEvent>(channel, &plaintext).map(HostEvent::Input)
@@ -753,7 +1193,7 @@ impl Driver {
             return;
         };
         let req = pb::ReportEndRequest {
-            token: self.shared.joined.token.clone(),
+            token: self.shared.token(),
             reason: reason as i32,
             detail: detail.chars().take(256).collect(),
         };

@@ -11,6 +11,12 @@
 //! - [`crypto`]: X25519 + HKDF session keys, AES-256-GCM frame sealing, the SAS.
 //! - [`link`]: the QUIC data-plane client ([`RelayLink`]), following
 //!   [`kakehashi_proto::dataplane`] exactly.
+//! - [`reliable`]: exactly-once delivery across relay moves as plain state machines:
+//!   the sender's buffer of unacknowledged frames, the receiver's duplicate filter.
+//! - `conduit`: the sending side that outlives relays (seals, keeps, replays, moves
+//!   to a new link with the sequence numbers continued).
+//! - `resume`: `AgentService.ResumeSession` with retries, and following a peer that
+//!   moved the session.
 //! - [`tls`]: the pinned-certificate verifier and the quinn client configuration.
 //! - [`control`]: serde views of sessions and events for the `ctl` command.
 //! - [`stats`]: latency percentiles for the viewer's progress line.
@@ -23,7 +29,12 @@
 //!   relay applies.
 //! - Every task is owned (a `JoinSet` in the object that started it); dropping a
 //!   [`Host`], [`Viewer`] or [`RelayLink`] stops its tasks and leaves the session.
+//! - A relay loss costs a pause, never a reliable byte: input, control, chat and file
+//!   frames are kept until the peer acknowledges them, replayed on the next relay, and
+//!   delivered exactly once, in order. Sequence numbers (the AEAD nonces) continue
+//!   across relays and never repeat under one key.
 
+mod conduit;
 pub mod consent;
 pub mod control;
 pub mod crypto;
@@ -31,6 +42,8 @@ pub mod error;
 pub mod host;
 pub mod link;
 pub mod peer;
+pub mod reliable;
+mod resume;
 pub mod stats;
 pub mod tls;
 pub mod viewer;

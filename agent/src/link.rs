@@ -101,6 +101,18 @@ impl LinkError {
         }
     }
 
+    /// Whether the relay (or the path to it) went away while the session may live on:
+    /// the participant should resume through the coordinator instead of ending.
+    pub fn is_relay_loss(&self) -> bool {
+        matches!(
+            self,
+            LinkError::TimedOut
+                | LinkError::Lost(_)
+                | LinkError::RelayShutdown(_)
+                | LinkError::SignalStreamClosed
+        )
+    }
+
     /// The end reason to report when the connection closed without a `SessionEnded`.
     pub fn end_reason(&self) -> pb::EndReason {
         match self {
@@ -195,6 +207,17 @@ impl ChannelGuard<'_> {
         self.inner.next_seq()
     }
 
+    /// The sequence number the next frame will take, without taking it.
+    pub fn peek_seq(&self) -> u64 {
+        self.inner.next_seq
+    }
+
+    /// Moves the counter forward to `next` (never back): a link that replaces another
+    /// continues its sequence numbers, so no nonce repeats under the session keys.
+    pub fn seed(&mut self, next: u64) {
+        self.inner.next_seq = self.inner.next_seq.max(next);
+    }
+
     /// Writes a frame built with a sequence number from [`ChannelGuard::next_seq`].
     pub async fn send(&mut self, frame: &Frame) -> Result<(), LinkError> {
         self.inner.write(self.conn, &frame.raw).await
@@ -262,6 +285,25 @@ impl LinkSender {
             inner: self.shared.channels[usize::from(channel as u8)]
                 .lock()
                 .await,
+        }
+    }
+
+    /// Every data channel's next sequence number, indexed by channel number. Read it
+    /// while no frame is being sent (the caller holds the channels or the link is dead).
+    pub async fn next_seqs(&self) -> [u64; Channel::ALL.len()] {
+        let mut out = [1; Channel::ALL.len()];
+        for (i, ch) in self.shared.channels.iter().enumerate() {
+            out[i] = ch.lock().await.next_seq;
+        }
+        out
+    }
+
+    /// Seeds this link's counters from the link it replaces ([`LinkSender::next_seqs`]),
+    /// before anything is sent on it.
+    pub async fn seed_seqs(&self, next: [u64; Channel::ALL.len()]) {
+        for (ch, n) in self.shared.channels.iter().zip(next) {
+            let mut ch = ch.lock().await;
+            ch.next_seq = ch.next_seq.max(n);
         }
     }
 
@@ -654,5 +696,21 @@ mod tests {
             LinkError::from_connection(ConnectionError::TimedOut),
             LinkError::TimedOut
         ));
+    }
+
+    #[test]
+    fn only_a_lost_relay_is_resumed_from() {
+        assert!(LinkError::from_connection(ConnectionError::TimedOut).is_relay_loss());
+        assert!(LinkError::from_connection(ConnectionError::Reset).is_relay_loss());
+        assert!(LinkError::from_connection(app_close(close::SHUTDOWN, b"bye")).is_relay_loss());
+        for code in [
+            close::ENDED,
+            close::REFUSED,
+            close::PROTOCOL,
+            close::SESSION_FAILED,
+        ] {
+            assert!(!LinkError::from_connection(app_close(code, b"")).is_relay_loss());
+        }
+        assert!(!LinkError::LocallyClosed.is_relay_loss());
     }
 }

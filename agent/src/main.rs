@@ -235,6 +235,11 @@ fn print_host_event(ev: &HostEvent) {
             println!("The operator asks for {permissions}: {note}")
         }
         HostEvent::KeyFrameRequested => tracing::debug!("key frame requested"),
+        HostEvent::Resumed { relay_id, after_ms } => {
+            println!(
+                "The connection moved to relay {relay_id} after {after_ms} ms; nothing was lost."
+            )
+        }
         HostEvent::Ended { .. } => {}
     }
 }
@@ -287,6 +292,9 @@ async fn view(args: ViewArgs) -> Result<()> {
                 }
                 Some(ViewerEvent::Chat(t)) => println!("Customer: {t}"),
                 Some(ViewerEvent::GrantsChanged(g)) => println!("Granted now: {g}"),
+                Some(ViewerEvent::Resumed { relay_id, after_ms }) => {
+                    println!("The session moved to relay {relay_id} after {after_ms} ms; nothing was lost.");
+                }
                 Some(ViewerEvent::Ended { reason, detail }) => {
                     report(total, &mut window);
                     print_end(reason, &detail);

@@ -63,6 +63,9 @@ impl Joined {
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub participant_id: u64,
+    /// The X25519 key its coordinator-signed token carries. A participant that comes
+    /// back after a relay move must present the same one.
+    pub public_key: [u8; 32],
     pub keys: SessionKeys,
 }
 
@@ -98,6 +101,7 @@ pub fn accept_peer(
     let keys = SessionKeys::derive(me, my_side, &claims.public_key, &joined.session_id)?;
     Ok(Peer {
         participant_id: claims.participant_id,
+        public_key: claims.public_key,
         keys,
     })
 }
@@ -108,22 +112,6 @@ pub(crate) fn decode<M: prost::Message + Default>(
     bytes: &[u8],
 ) -> Result<M, String> {
     M::decode(bytes).map_err(|e| format!("{} payload does not decode: {e}", channel.name()))
-}
-
-/// Seals `plaintext` for the peer and sends it on `channel`, holding the channel's lock
-/// from sequence number to write so frames leave in order.
-pub(crate) async fn send_sealed(
-    tx: &crate::link::LinkSender,
-    keys: &SessionKeys,
-    channel: Channel,
-    flags: u8,
-    plaintext: &[u8],
-) -> Result<(), AgentError> {
-    let mut guard = tx.channel(channel).await;
-    let seq = guard.next_seq();
-    let frame = keys.seal(channel, flags, seq, plaintext)?;
-    guard.send(&frame).await?;
-    Ok(())
 }
 
 #[cfg(test)]

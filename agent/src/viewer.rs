@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kakehashi_proto::pb::agent_service_client::AgentServiceClient;
 use kakehashi_proto::policy::may_forward;
@@ -16,11 +16,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::conduit::{Conduit, Via};
 use crate::crypto::{Keypair, Side};
 use crate::error::{AgentError, connect_coordinator};
-use crate::host::{now_ms, reason_of};
-use crate::link::{LinkError, LinkReceiver, LinkSender, RelayLink};
+use crate::host::{ACK_INTERVAL, Counters, Follow, RETRANSMIT_AFTER, now_ms, reason_of};
+use crate::link::{LinkError, LinkReceiver, RelayLink};
 use crate::peer::{self, Joined, Peer};
+use crate::reliable::{RecvTracker, Verdict};
+use crate::resume::{Failure, Moved, Resumer};
 
 const EVENT_QUEUE: usize = 1024;
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
@@ -46,6 +49,12 @@ pub enum ViewerEvent {
     },
     Chat(String),
     GrantsChanged(Permissions),
+    /// The session moved to relay `relay_id` after the previous one was lost or
+    /// drained, `after_ms` after the loss was noticed. Nothing reliable was lost.
+    Resumed {
+        relay_id: String,
+        after_ms: u64,
+    },
     Ended {
         reason: pb::EndReason,
         detail: String,
@@ -53,7 +62,11 @@ pub enum ViewerEvent {
 }
 
 struct State {
+    /// What the customer granted, as this viewer last heard it. Unchanged by a relay
+    /// move: the new relay learns it again from the host.
     granted: Permissions,
+    /// The host, once verified. Kept when it leaves: after a relay move it comes back
+    /// with the same key, and what is sent meanwhile waits for it.
     host: Option<Peer>,
     ended: bool,
 }
@@ -62,13 +75,20 @@ struct Shared {
     joined: Joined,
     mode: Mode,
     state: Mutex<State>,
+    /// This participant's newest token (each resume brings a fresh one).
+    token: Mutex<Vec<u8>>,
     undecryptable: AtomicU64,
     unread_screens: AtomicU64,
+    counters: Counters,
 }
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn token(&self) -> Vec<u8> {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -76,7 +96,7 @@ impl Shared {
 pub struct Viewer {
     shared: Arc<Shared>,
     participant_id: u64,
-    tx: LinkSender,
+    conduit: Arc<Conduit>,
     events: mpsc::Receiver<ViewerEvent>,
     cancel: CancellationToken,
     _tasks: JoinSet<()>,
@@ -116,10 +136,11 @@ impl Viewer {
         let (link, welcome) =
             RelayLink::connect(&joined.relay, &joined.token, &joined.session_id).await?;
         info!(session = %joined.session_id, participant = welcome.participant_id, "viewer attached");
-        Ok(Self::start(joined, me, link, welcome, config))
+        Ok(Self::start(joined, me, link, welcome, config, Some(agent)))
     }
 
-    /// Starts a viewer on an attached link.
+    /// Starts a viewer on an attached link. `coordinator` answers `ResumeSession`;
+    /// without it the session ends with its relay.
     #[doc(hidden)]
     // Public so integration tests can run a viewer against a test relay.
     pub fn start(
@@ -128,11 +149,15 @@ impl Viewer {
         link: RelayLink,
         welcome: pb::Welcome,
         config: ViewerConfig,
+        coordinator: Option<AgentServiceClient<tonic::transport::Channel>>,
     ) -> Viewer {
         let participant_id = link.participant_id();
         let (tx, rx) = link.into_parts();
         let mode = joined.claims.mode;
+        let conduit = Arc::new(Conduit::new(tx, Role::Viewer, mode));
+        let relay_id = joined.relay.relay_id.clone();
         let shared = Arc::new(Shared {
+            token: Mutex::new(joined.token.clone()),
             joined,
             mode,
             state: Mutex::new(State {
@@ -142,15 +167,22 @@ impl Viewer {
             }),
             undecryptable: AtomicU64::new(0),
             unread_screens: AtomicU64::new(0),
+            counters: Counters::default(),
         });
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let cancel = CancellationToken::new();
         let driver = Driver {
             shared: shared.clone(),
             me,
-            tx: tx.clone(),
+            conduit: conduit.clone(),
             events: events_tx,
             request_on_join: config.request_on_join,
+            resumer: Resumer::new(coordinator, Role::Viewer),
+            relay_id,
+            tracker: RecvTracker::default(),
+            follow: None,
+            replays: JoinSet::new(),
+            screen_needs_key: false,
         };
         let mut tasks = JoinSet::new();
         let span = tracing::info_span!(
@@ -162,7 +194,7 @@ impl Viewer {
         Viewer {
             shared,
             participant_id,
-            tx,
+            conduit,
             events,
             cancel,
             _tasks: tasks,
@@ -194,9 +226,32 @@ impl Viewer {
         self.shared.undecryptable.load(Ordering::Relaxed)
     }
 
-    /// Screen frames dropped because the application had 1024 events unread.
+    /// Screen frames dropped because the application had 1024 events unread, and the
+    /// deltas after them up to the next key frame.
     pub fn unread_screen_frames(&self) -> u64 {
         self.shared.unread_screens.load(Ordering::Relaxed)
+    }
+
+    /// Reliable frames from the host received again after a relay move and dropped
+    /// (they had been delivered already).
+    pub fn duplicate_frames(&self) -> u64 {
+        self.shared.counters.duplicates.load(Ordering::Relaxed)
+    }
+
+    /// Reliable frames from the host that arrived ahead of a missing one and were
+    /// dropped until the replay filled the gap (a protocol error if it persists).
+    pub fn out_of_order_frames(&self) -> u64 {
+        self.shared.counters.out_of_order.load(Ordering::Relaxed)
+    }
+
+    /// How many times the session moved to another relay.
+    pub fn resumes(&self) -> u64 {
+        self.shared.counters.resumes.load(Ordering::Relaxed)
+    }
+
+    /// Frames sent on `channel` that the host has not acknowledged yet.
+    pub fn unacked(&self, channel: Channel) -> usize {
+        self.conduit.unacked(channel)
     }
 
     /// The next event; `None` after the session ended and every event was read.
@@ -223,7 +278,7 @@ impl Viewer {
         note: &str,
     ) -> Result<(), AgentError> {
         let peer = self.host_peer()?;
-        send_request(&self.tx, &peer, perms, note).await
+        send_request(&self.conduit, &peer, perms, note).await
     }
 
     /// Sends input if CONTROL is granted in a control session; otherwise sends nothing
@@ -239,7 +294,7 @@ impl Viewer {
         {
             return Ok(false);
         }
-        self.send_input_unchecked(event).await?;
+        self.input(event, false).await?;
         Ok(true)
     }
 
@@ -247,15 +302,21 @@ impl Viewer {
     #[doc(hidden)]
     // Exists for tests that play a modified viewer, to prove host and relay refuse it.
     pub async fn send_input_unchecked(&self, event: pb::InputEvent) -> Result<(), AgentError> {
+        self.input(event, true).await
+    }
+
+    async fn input(&self, event: pb::InputEvent, ungated: bool) -> Result<(), AgentError> {
         let peer = self.host_peer()?;
-        peer::send_sealed(
-            &self.tx,
-            &peer.keys,
-            Channel::Input,
-            0,
-            &event.encode_to_vec(),
-        )
-        .await
+        self.conduit
+            .send_with(
+                &peer.keys,
+                peer.participant_id,
+                Channel::Input,
+                0,
+                &event.encode_to_vec(),
+                if ungated { Via::Ungated } else { Via::Any },
+            )
+            .await
     }
 
     pub async fn send_chat(&self, text: &str) -> Result<(), AgentError> {
@@ -264,7 +325,15 @@ impl Viewer {
             text: text.to_owned(),
             sent_at_unix_ms: now_ms(),
         };
-        peer::send_sealed(&self.tx, &peer.keys, Channel::Chat, 0, &msg.encode_to_vec()).await
+        self.conduit
+            .send(
+                &peer.keys,
+                peer.participant_id,
+                Channel::Chat,
+                0,
+                &msg.encode_to_vec(),
+            )
+            .await
     }
 
     /// Sends a pointer hint ("指差し"); `Ok(false)` without a VIEW grant.
@@ -280,31 +349,33 @@ impl Viewer {
             return Ok(false);
         }
         let peer = self.host_peer()?;
-        peer::send_sealed(
-            &self.tx,
-            &peer.keys,
-            Channel::Pointer,
-            0,
-            &hint.encode_to_vec(),
-        )
-        .await?;
+        self.conduit
+            .send(
+                &peer.keys,
+                peer.participant_id,
+                Channel::Pointer,
+                0,
+                &hint.encode_to_vec(),
+            )
+            .await?;
         Ok(true)
     }
 
     /// Ends the session for everyone.
     pub async fn hangup(&self, reason: pb::EndReason, detail: &str) -> Result<(), AgentError> {
-        crate::host::hangup(&self.tx, reason, detail).await
+        crate::host::hangup(&self.conduit.tx(), reason, detail).await
     }
 }
 
 impl Drop for Viewer {
     fn drop(&mut self) {
         self.cancel.cancel();
+        self.conduit.end();
     }
 }
 
 async fn send_request(
-    tx: &LinkSender,
+    conduit: &Conduit,
     peer: &Peer,
     perms: Permissions,
     note: &str,
@@ -317,64 +388,137 @@ async fn send_request(
             },
         )),
     };
-    peer::send_sealed(tx, &peer.keys, Channel::Control, 0, &msg.encode_to_vec()).await
+    conduit
+        .send(
+            &peer.keys,
+            peer.participant_id,
+            Channel::Control,
+            0,
+            &msg.encode_to_vec(),
+        )
+        .await
 }
 
 struct Driver {
     shared: Arc<Shared>,
     me: Keypair,
-    tx: LinkSender,
+    conduit: Arc<Conduit>,
     events: mpsc::Sender<ViewerEvent>,
     request_on_join: Option<(Permissions, String)>,
+    resumer: Resumer,
+    /// The relay this viewer is attached to now.
+    relay_id: String,
+    /// What was delivered from the host, for duplicates and acks.
+    tracker: RecvTracker,
+    /// Asking the coordinator whether the host moved the session elsewhere.
+    follow: Option<Follow>,
+    // Replays of kept frames: they may wait on flow control while the driver reads on.
+    replays: JoinSet<()>,
+    /// The application missed a screen frame: deltas wait for the next key frame.
+    screen_needs_key: bool,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+    /// The relay is gone (or going): resume elsewhere; `reason` ends the session if
+    /// that fails.
+    Move {
+        why: String,
+        reason: pb::EndReason,
+    },
+    Follow,
 }
 
 impl Driver {
     async fn run(mut self, mut rx: LinkReceiver, welcome: pb::Welcome, cancel: CancellationToken) {
-        for token in &welcome.peer_tokens {
-            self.accept_host(token).await;
-        }
-        if welcome.granted != 0 {
+        let announce = welcome.granted != 0;
+        self.on_welcome(welcome).await;
+        if announce {
             let g = self.shared.state().granted;
             self.emit(ViewerEvent::GrantsChanged(g)).await;
         }
+        let mut ticks = tokio::time::interval(ACK_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
+            let follow_at = self.follow.as_ref().map(|f| f.at);
+            let flow = tokio::select! {
+                _ = cancel.cancelled() => Flow::Stop,
                 sig = rx.signals.recv() => match sig {
-                    Some(Ok(kind)) => {
-                        if self.on_signal(kind).await {
-                            break;
-                        }
-                    }
-                    Some(Err(e)) => { self.end_from_link(e).await; break; }
+                    Some(Ok(kind)) => self.on_signal(kind).await,
+                    Some(Err(e)) => self.link_failed(e).await,
                     None => {
-                        let e = match tokio::time::timeout(CLOSE_GRACE, self.tx.closed()).await {
+                        let tx = self.conduit.tx();
+                        let e = match tokio::time::timeout(CLOSE_GRACE, tx.closed()).await {
                             Ok(e) => e,
                             Err(_) => LinkError::SignalStreamClosed,
                         };
-                        self.end_from_link(e).await;
-                        break;
+                        self.link_failed(e).await
                     }
                 },
-                Some(frame) = rx.frames.recv() => self.on_frame(frame).await,
+                Some(frame) = rx.frames.recv() => { self.on_frame(frame).await; Flow::Continue }
+                _ = ticks.tick() => { self.tick().await; Flow::Continue }
+                _ = tokio::time::sleep_until(follow_at.unwrap_or_else(tokio::time::Instant::now)), if follow_at.is_some() => Flow::Follow,
+                Some(_) = self.replays.join_next(), if !self.replays.is_empty() => Flow::Continue,
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::Stop => break,
+                Flow::Move { why, reason } => match self.resume(&why, reason, &cancel).await {
+                    Some(new_rx) => rx = new_rx,
+                    None => break,
+                },
+                Flow::Follow => {
+                    if let Some(new_rx) = self.follow().await {
+                        rx = new_rx;
+                    }
+                }
             }
         }
+        self.conduit.end();
     }
 
     async fn emit(&self, ev: ViewerEvent) {
         let _ = self.events.send(ev).await;
     }
 
-    /// Returns true when the session is over.
-    async fn on_signal(&mut self, kind: pb::signal::Kind) -> bool {
+    fn spawn_replay(&mut self) {
+        self.replays.spawn(self.conduit.clone().replay_opened());
+    }
+
+    /// What the relay's Welcome says, on the first attach and after every move.
+    async fn on_welcome(&mut self, welcome: pb::Welcome) {
+        let relay_granted = Permissions::from_bits(welcome.granted).unwrap_or(Permissions::NONE);
+        if self.conduit.set_relay_granted(relay_granted) {
+            self.spawn_replay();
+        }
+        for token in &welcome.peer_tokens {
+            self.accept_host(token).await;
+        }
+    }
+
+    async fn link_failed(&mut self, e: LinkError) -> Flow {
+        if e.is_relay_loss() {
+            Flow::Move {
+                why: e.to_string(),
+                reason: e.end_reason(),
+            }
+        } else {
+            self.end_from_link(e).await;
+            Flow::Stop
+        }
+    }
+
+    async fn on_signal(&mut self, kind: pb::signal::Kind) -> Flow {
         use pb::signal::Kind;
         match kind {
             Kind::PeerJoined(p) => self.accept_host(&p.token).await,
             Kind::PeerLeft(p) => {
-                let mut state = self.shared.state();
-                if state.host.as_ref().map(|h| h.participant_id) == Some(p.participant_id) {
+                let host = self.shared.state().host.as_ref().map(|h| h.participant_id);
+                if host == Some(p.participant_id) {
                     info!("host left");
-                    state.host = None;
+                    let _ = self.conduit.set_present(p.participant_id, false);
+                    self.follow = Some(Follow::start());
                 }
             }
             Kind::GrantsChanged(g) => {
@@ -386,27 +530,137 @@ impl Driver {
                     Permissions::from_bits(g.granted & Permissions::ALL.bits())
                         .unwrap_or(Permissions::NONE)
                 });
-                self.shared.state().granted = granted;
-                self.emit(ViewerEvent::GrantsChanged(granted)).await;
+                if self.conduit.set_relay_granted(granted) {
+                    self.spawn_replay();
+                }
+                let changed = {
+                    let mut state = self.shared.state();
+                    let changed = state.granted != granted;
+                    state.granted = granted;
+                    changed
+                };
+                // After a move the host re-sends the same grant to the new relay: the
+                // application saw no change and hears of none.
+                if changed {
+                    self.emit(ViewerEvent::GrantsChanged(granted)).await;
+                }
+            }
+            Kind::SessionEnded(e) if reason_of(e.reason) == pb::EndReason::RelayShutdown => {
+                return Flow::Move {
+                    why: format!("the relay is shutting down: {}", e.detail),
+                    reason: pb::EndReason::RelayShutdown,
+                };
             }
             Kind::SessionEnded(e) => {
                 self.end(reason_of(e.reason), e.detail).await;
-                return true;
+                return Flow::Stop;
             }
             Kind::KeyFrameRequest(_) => debug!("key frame request is for the host; ignored"),
             Kind::Drain(d) => {
-                // Moving to another relay is not built yet: the session lasts as long as
-                // this relay does.
-                warn!(
-                    grace_ms = d.grace_ms,
-                    "relay is draining; this agent cannot resume elsewhere yet"
-                );
+                return Flow::Move {
+                    why: format!("the relay is draining (grace {} ms)", d.grace_ms),
+                    reason: pb::EndReason::RelayShutdown,
+                };
             }
             other @ (Kind::Hello(_) | Kind::Welcome(_) | Kind::Grant(_) | Kind::Hangup(_)) => {
                 warn!(signal = ?other, "relay sent a signal meant for the relay; ignored");
             }
         }
-        false
+        Flow::Continue
+    }
+
+    async fn resume(
+        &mut self,
+        why: &str,
+        reason: pb::EndReason,
+        cancel: &CancellationToken,
+    ) -> Option<LinkReceiver> {
+        let lost_at = Instant::now();
+        warn!(relay = %self.relay_id, %why, "lost the relay; resuming the session elsewhere");
+        let token = self.shared.token();
+        let failed = self.relay_id.clone();
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = self.resumer.resume(&self.me, &self.shared.joined, &token, &failed) => r,
+        };
+        match result {
+            Ok(moved) => Some(self.adopt(moved, lost_at).await),
+            Err(Failure::Refused(detail)) => {
+                self.end(pb::EndReason::Unspecified, detail).await;
+                None
+            }
+            Err(Failure::GaveUp(detail)) => {
+                self.end(reason, format!("{why}; {detail}")).await;
+                None
+            }
+        }
+    }
+
+    async fn follow(&mut self) -> Option<LinkReceiver> {
+        let f = self.follow.take()?;
+        let token = self.shared.token();
+        let asked_at = Instant::now();
+        match self
+            .resumer
+            .follow(&self.me, &self.shared.joined, &token, &self.relay_id)
+            .await
+        {
+            Some(moved) => Some(self.adopt(moved, asked_at).await),
+            None => {
+                self.follow = f.next();
+                None
+            }
+        }
+    }
+
+    async fn adopt(&mut self, moved: Moved, lost_at: Instant) -> LinkReceiver {
+        let Moved {
+            joined,
+            link,
+            welcome,
+        } = moved;
+        *self.shared.token.lock().unwrap_or_else(|p| p.into_inner()) = joined.token.clone();
+        self.relay_id = joined.relay.relay_id.clone();
+        let (tx, rx) = link.into_parts();
+        self.conduit.install(tx).await;
+        self.follow = None;
+        self.on_welcome(welcome).await;
+        self.shared.counters.resumes.fetch_add(1, Ordering::Relaxed);
+        let after_ms = u64::try_from(lost_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        info!(relay = %self.relay_id, after_ms, "session resumed");
+        self.emit(ViewerEvent::Resumed {
+            relay_id: self.relay_id.clone(),
+            after_ms,
+        })
+        .await;
+        rx
+    }
+
+    async fn tick(&mut self) {
+        if self.tracker.is_dirty() {
+            self.send_ack().await;
+        }
+        if self.replays.is_empty() && self.conduit.has_unacked() {
+            self.replays
+                .spawn(self.conduit.clone().retransmit_stalled(RETRANSMIT_AFTER));
+        }
+    }
+
+    async fn send_ack(&mut self) {
+        let Some(host) = self.shared.state().host.clone() else {
+            return;
+        };
+        let ack = self.tracker.ack_for(host.participant_id);
+        if ack.channels.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .conduit
+            .send_ack(&host.keys, host.participant_id, &ack)
+            .await
+        {
+            debug!(error = %e, "ack not sent; the next one carries it");
+        }
     }
 
     async fn accept_host(&mut self, token: &[u8]) {
@@ -424,30 +678,55 @@ impl Driver {
                 return;
             }
         };
-        let sas = peer.sas().to_owned();
-        {
-            let mut state = self.shared.state();
-            // The same token can arrive twice (in Welcome and as PeerJoined).
-            if state
-                .host
-                .as_ref()
-                .is_some_and(|h| h.participant_id == peer.participant_id && h.sas() == sas)
-            {
+        let known =
+            self.shared.state().host.as_ref().map(|h| {
+                h.participant_id == peer.participant_id && h.public_key == peer.public_key
+            });
+        match known {
+            Some(false) => {
+                // One host per session, bound to one key by the coordinator: anything
+                // else is not the customer whose SAS was compared.
+                warn!(
+                    participant = peer.participant_id,
+                    "a host token with another participant or key; refused"
+                );
                 return;
             }
-            state.host = Some(peer.clone());
+            Some(true) => {
+                // The same host again: in Welcome and PeerJoined, or after a move.
+                self.host_present(peer.participant_id).await;
+                return;
+            }
+            None => {}
         }
+        let sas = peer.sas().to_owned();
+        self.shared.state().host = Some(peer.clone());
+        if self.conduit.set_peer(Some(peer.participant_id)) {
+            self.spawn_replay();
+        }
+        self.host_present(peer.participant_id).await;
         info!(participant = peer.participant_id, %sas, "host verified");
         self.emit(ViewerEvent::PeerJoined { sas }).await;
         if let Some((perms, note)) = self.request_on_join.take()
-            && let Err(e) = send_request(&self.tx, &peer, perms, &note).await
+            && let Err(e) = send_request(&self.conduit, &peer, perms, &note).await
         {
             warn!(error = %e, "could not send the permission request");
         }
     }
 
+    /// The host is attached on the current link: replay to it and tell it what was
+    /// delivered.
+    async fn host_present(&mut self, id: u64) {
+        self.follow = None;
+        if self.conduit.set_present(id, true) {
+            self.spawn_replay();
+        }
+        self.send_ack().await;
+    }
+
     async fn on_frame(&mut self, frame: Frame) {
         let channel = frame.header.channel;
+        let seq = frame.header.seq;
         let Some(host) = self.shared.state().host.clone() else {
             self.shared.undecryptable.fetch_add(1, Ordering::Relaxed);
             debug!(
@@ -464,6 +743,41 @@ impl Driver {
                 return;
             }
         };
+        if channel == Channel::Ack {
+            match peer::decode::<pb::Ack>(channel, &plaintext) {
+                Ok(ack) => self.conduit.on_ack(host.participant_id, &ack),
+                Err(e) => warn!(error = %e, "bad ack"),
+            }
+            return;
+        }
+        if channel.is_replayed() {
+            match self.tracker.accept(host.participant_id, channel, seq) {
+                Verdict::Deliver => {}
+                Verdict::Duplicate => {
+                    self.shared
+                        .counters
+                        .duplicates
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Verdict::Gap { expected } => {
+                    let n = self
+                        .shared
+                        .counters
+                        .out_of_order
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
+                    warn!(
+                        channel = channel.name(),
+                        seq,
+                        expected,
+                        total = n,
+                        "reliable frame ahead of a missing one; dropped until the replay fills the gap"
+                    );
+                    return;
+                }
+            }
+        }
         let event = match channel {
             Channel::Screen => peer::decode::<pb::ScreenFrame>(channel, &plaintext).map(|f| {
                 let now = kakehashi_proto::unix_now_us();
@@ -485,11 +799,23 @@ impl Driver {
         };
         match event {
             // Screen frames are latency-first: an application that falls behind loses
-            // frames, never the signals and chat queued behind them.
+            // frames, never the signals and chat queued behind them. After a lost frame
+            // the deltas that follow are useless to a decoder: skip them until a key
+            // frame gets through.
             Ok(ev @ ViewerEvent::Screen { .. }) => {
-                if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(ev) {
-                    let n = self.shared.unread_screens.fetch_add(1, Ordering::Relaxed) + 1;
-                    debug!(total = n, "application is behind; screen frame dropped");
+                let key = matches!(&ev, ViewerEvent::Screen { frame, .. } if frame.key_frame);
+                if !key && self.screen_needs_key {
+                    self.shared.unread_screens.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                match self.events.try_send(ev) {
+                    Ok(()) => self.screen_needs_key = false,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        let n = self.shared.unread_screens.fetch_add(1, Ordering::Relaxed) + 1;
+                        self.screen_needs_key = true;
+                        debug!(total = n, "application is behind; screen frame dropped");
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
             }
             Ok(ev) => self.emit(ev).await,

@@ -45,7 +45,7 @@ async fn start_viewer(relay: &TestRelay, mode: Mode, config: ViewerConfig) -> Re
     let me = Keypair::generate()?;
     let j = joined(&me, Role::Viewer, mode, &relay.endpoint)?;
     let (link, welcome) = RelayLink::connect(&j.relay, &j.token, &j.session_id).await?;
-    Ok(Viewer::start(j, me, link, welcome, config))
+    Ok(Viewer::start(j, me, link, welcome, config, None))
 }
 
 /// The next host event `f` accepts; others are collected in `seen`.

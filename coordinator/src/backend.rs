@@ -7,7 +7,9 @@
 //! [`crate::contract`].
 
 pub mod codes;
+pub mod etcd;
 pub mod events;
+pub mod redis;
 pub mod relays;
 pub mod sessions;
 
@@ -35,6 +37,10 @@ pub enum BackendError {
     BadCodeLength(usize),
     #[error("no relay is available for placement")]
     NoRelays,
+    /// The relay directory cannot see its membership store (etcd); the text says for
+    /// how long, and is safe to show a client.
+    #[error("relay directory (etcd) unavailable: {0}")]
+    DirectoryUnavailable(String),
     #[error("event log of session {session} is full ({limit} events)")]
     EventLogFull { session: SessionId, limit: usize },
     #[error(transparent)]

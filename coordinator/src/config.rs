@@ -11,6 +11,7 @@ use crate::backend::events::{EventBus, InMemoryEventBus};
 use crate::backend::relays::{RelayDirectory, RelayInfo, StaticRelayDirectory};
 use crate::backend::sessions::{InMemorySessionStore, SessionStore};
 use crate::error::StartError;
+use crate::limiter::{GuessLimiter, InMemoryGuessLimiter};
 use crate::random::{self, RandomError};
 
 /// Everything a coordinator needs to run. Build it directly in tests; `main.rs` fills it
@@ -28,6 +29,8 @@ pub struct CoordinatorConfig {
     /// The configured relays, checked at start. The in-memory directory is built from
     /// the same list (`Backends::in_memory(config.relays.clone())`).
     pub relays: Vec<RelayInfo>,
+    /// Take part in the etcd leader election (cluster-wide chores); `None` without etcd.
+    pub leader: Option<crate::leader::LeaderConfig>,
 }
 
 impl std::fmt::Debug for CoordinatorConfig {
@@ -45,6 +48,7 @@ impl std::fmt::Debug for CoordinatorConfig {
             .field("default_max_duration", &self.default_max_duration)
             .field("max_max_duration", &self.max_max_duration)
             .field("relays", &self.relays)
+            .field("leader", &self.leader)
             .finish()
     }
 }
@@ -72,6 +76,7 @@ impl CoordinatorConfig {
             default_max_duration: Duration::from_secs(40 * 60),
             max_max_duration: Duration::from_secs(4 * 3600),
             relays,
+            leader: None,
         }
     }
 
@@ -134,6 +139,8 @@ pub struct Backends {
     pub sessions: Arc<dyn SessionStore>,
     pub events: Arc<dyn EventBus>,
     pub relays: Arc<dyn RelayDirectory>,
+    /// Guess limits on JoinByCode; shared by replicas when it lives in Redis.
+    pub limiter: Arc<dyn GuessLimiter>,
 }
 
 impl Backends {
@@ -144,6 +151,7 @@ impl Backends {
             sessions: Arc::new(InMemorySessionStore::new()),
             events: Arc::new(InMemoryEventBus::new()),
             relays: Arc::new(StaticRelayDirectory::new(relays)),
+            limiter: Arc::new(InMemoryGuessLimiter::default()),
         }
     }
 }

@@ -68,7 +68,8 @@ pub fn sample_record(id: SessionId, tenant: &str, created_at_ms: i64) -> Session
     }
 }
 
-/// Codes have the asked length, are unique among live codes, and redeem exactly once.
+/// Codes have at least the asked length and a valid check digit, are unique among live
+/// codes, and redeem exactly once.
 pub async fn code_store_allocates_and_redeems_once(codes: &dyn CodeStore) {
     let ttl = Duration::from_secs(60);
     let mut seen = std::collections::HashSet::new();
@@ -76,7 +77,14 @@ pub async fn code_store_allocates_and_redeems_once(codes: &dyn CodeStore) {
     for _ in 0..50 {
         let id = fresh_id();
         let code = codes.allocate(id, 6, ttl).await.expect("allocate");
-        assert_eq!(code.len(), 6, "code {code:?} has the asked length");
+        assert!(
+            code.len() >= 6,
+            "code {code:?} has at least the asked length"
+        );
+        assert!(
+            crate::backend::codes::is_well_formed(&code),
+            "code {code:?} ends in a valid check digit"
+        );
         assert!(
             code.bytes().all(|b| b.is_ascii_digit()),
             "code {code:?} is numeric"
@@ -350,6 +358,58 @@ pub async fn relay_directory_places_least_loaded(relays: &dyn RelayDirectory) {
     );
 }
 
+/// `n` relays for spread tests: ids `spread-r0000`…, one region, a distinct cert each.
+pub fn many_relays(n: usize) -> Vec<RelayInfo> {
+    (0..n)
+        .map(|i| RelayInfo {
+            relay_id: format!("spread-r{i:04}"),
+            quic_addr: format!("127.0.0.1:{}", 10_000 + i),
+            admin_url: format!("http://127.0.0.1:{}", 20_000 + i),
+            server_name: "localhost".into(),
+            cert_sha256: [(i % 251) as u8; 32],
+            region: "test".into(),
+        })
+        .collect()
+}
+
+/// Never places on the avoided relay; with only the avoided relay left, refuses.
+pub async fn relay_directory_respects_avoid(relays: &dyn RelayDirectory) {
+    for _ in 0..20 {
+        let got = relays.pick(Some("contract-r1")).await.expect("pick");
+        assert_eq!(
+            got.relay_id, "contract-r2",
+            "the avoided relay is never chosen"
+        );
+        relays.release(&got.relay_id).await.expect("release");
+    }
+}
+
+/// Places `picks` sessions on a directory holding exactly `relay_count` equal relays
+/// (e.g. [`many_relays`]) with nothing placed, and returns max/mean sessions per relay.
+/// Every relay must get some, and the ratio must stay close to 1.
+pub async fn relay_directory_spreads_load(
+    relays: &dyn RelayDirectory,
+    relay_count: usize,
+    picks: usize,
+) -> f64 {
+    let mut per: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for _ in 0..picks {
+        let r = relays.pick(None).await.expect("pick");
+        *per.entry(r.relay_id).or_default() += 1;
+    }
+    assert_eq!(per.len(), relay_count, "every relay gets sessions");
+    let max = per.values().copied().max().unwrap_or(0) as f64;
+    let mean = picks as f64 / relay_count as f64;
+    let ratio = max / mean;
+    assert!(ratio < 1.25, "max/mean load {ratio:.3} is far from 1");
+    for (id, n) in &per {
+        for _ in 0..*n {
+            relays.release(id).await.expect("release");
+        }
+    }
+    ratio
+}
+
 /// Runs every contract function on one set of backends whose relay directory holds
 /// [`sample_relays`].
 pub async fn run_all(backends: &Backends) {
@@ -360,6 +420,7 @@ pub async fn run_all(backends: &Backends) {
     session_store_list_and_due(backends.sessions.as_ref()).await;
     event_bus_orders_replays_and_follows(backends.events.as_ref()).await;
     relay_directory_places_least_loaded(backends.relays.as_ref()).await;
+    relay_directory_respects_avoid(backends.relays.as_ref()).await;
 }
 
 #[cfg(test)]
@@ -369,6 +430,13 @@ mod tests {
     #[tokio::test]
     async fn in_memory_backends_pass_the_contract() {
         run_all(&Backends::in_memory(sample_relays())).await;
+    }
+
+    #[tokio::test]
+    async fn in_memory_directory_spreads_over_a_thousand_relays() {
+        let dir = crate::backend::relays::StaticRelayDirectory::new(many_relays(1000));
+        let ratio = relay_directory_spreads_load(&dir, 1000, 100_000).await;
+        println!("static directory: 1000 relays, 100000 sessions, max/mean = {ratio:.3}");
     }
 
     #[tokio::test]

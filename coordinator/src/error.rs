@@ -31,10 +31,15 @@ pub enum ApiError {
     BadToken(#[source] TokenError),
     #[error("this call needs a host token for the session's current host")]
     NotHost,
-    #[error("too many wrong codes from {0}")]
-    GuessLimited(std::net::IpAddr),
+    #[error("too many wrong codes from {source_ip}; next try in {retry_after_secs} s")]
+    GuessLimited {
+        source_ip: std::net::IpAddr,
+        retry_after_secs: u64,
+    },
     #[error("no relay is available")]
     NoRelays,
+    #[error("relay directory (etcd) unavailable: {0}")]
+    DirectoryUnavailable(String),
     #[error("session {0} is changing too fast; concurrent updates kept colliding")]
     Contention(SessionId),
     #[error("session {0} has too many events")]
@@ -49,6 +54,7 @@ impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
         match e {
             BackendError::NoRelays => ApiError::NoRelays,
+            BackendError::DirectoryUnavailable(d) => ApiError::DirectoryUnavailable(d),
             BackendError::EventLogFull { session, .. } => ApiError::EventLogFull(session),
             other => ApiError::Backend(other),
         }
@@ -70,8 +76,9 @@ impl ApiError {
             ApiError::SessionEnded(_) | ApiError::NotWaiting { .. } => Code::FailedPrecondition,
             ApiError::BadTicket(_) | ApiError::NotHost => Code::PermissionDenied,
             ApiError::BadToken(_) => Code::Unauthenticated,
-            ApiError::GuessLimited(_) | ApiError::EventLogFull(_) => Code::ResourceExhausted,
+            ApiError::GuessLimited { .. } | ApiError::EventLogFull(_) => Code::ResourceExhausted,
             ApiError::NoRelays
+            | ApiError::DirectoryUnavailable(_)
             | ApiError::Contention(_)
             | ApiError::Backend(_)
             | ApiError::Random(_) => Code::Unavailable,
@@ -89,8 +96,9 @@ impl ApiError {
             ApiError::BadTicket(_) => "bad_ticket",
             ApiError::BadToken(_) => "bad_token",
             ApiError::NotHost => "not_host",
-            ApiError::GuessLimited(_) => "guess_limited",
+            ApiError::GuessLimited { .. } => "guess_limited",
             ApiError::NoRelays => "no_relays",
+            ApiError::DirectoryUnavailable(_) => "relay_directory_unavailable",
             ApiError::Contention(_) => "contention",
             ApiError::EventLogFull(_) => "event_log_full",
             ApiError::Backend(_) => "backend",
@@ -105,15 +113,27 @@ impl ApiError {
             ApiError::NoRelays => {
                 "no relay is available to host the session; try again shortly".into()
             }
+            // Names the store and how long it has been out of reach; the etcd error
+            // text itself stays in the log.
+            ApiError::DirectoryUnavailable(_) => {
+                "relay directory (etcd) unavailable: new sessions cannot be placed until etcd is reachable again; sessions already running are not affected; retry shortly".into()
+            }
             ApiError::Contention(_) => {
                 "the session was being changed concurrently; retry the call".into()
+            }
+            // Name the store that is down (a fixed backend label, no internal detail), so
+            // an operator knows where to look.
+            ApiError::Backend(BackendError::Unavailable { backend, .. }) => {
+                format!("the coordinator cannot reach its {backend} store; retry shortly")
             }
             ApiError::Backend(_) | ApiError::Random(_) => {
                 "the coordinator is temporarily unavailable; retry shortly".into()
             }
-            ApiError::GuessLimited(_) => {
-                "too many wrong codes from this address; wait a minute and try again".into()
-            }
+            ApiError::GuessLimited {
+                retry_after_secs, ..
+            } => format!(
+                "too many wrong codes from this address; try again in {retry_after_secs} seconds"
+            ),
             ApiError::EventLogFull(_) => {
                 "this session has produced too many events; end it and start a new one".into()
             }

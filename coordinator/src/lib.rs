@@ -9,13 +9,19 @@
 //! - [`backend`]: the storage traits (`CodeStore`, `SessionStore`, `EventBus`,
 //!   `RelayDirectory`) with their in-memory implementations; `contract` (feature
 //!   `test-support`) is the behaviour every implementation must pass.
+//!   `backend::redis`: codes, session records, events (Redis Streams) and guess limits
+//!   in Redis or Redis Cluster, shared by every replica.
 //! - `service`: the shared core and the `SessionService` / `AgentService` impls.
 //! - `reaper`: ends sessions past their deadline or with an expired code, and purges
 //!   records and event logs an hour after a session ended.
-//! - `validate`, `limiter`: pure input checks and the wrong-code limiter.
+//! - `validate`: pure input checks. [`limiter`]: the guess limits on `JoinByCode`
+//!   (per-source backoff, cluster-wide failure budget) behind the `GuessLimiter` trait.
 //! - [`error`]: [`ApiError`], classified once into gRPC status, message and metric label.
 //! - [`telemetry`]: metric names, described at start, and the owned `/metrics` endpoint.
-//! - `main.rs`: the `kakehashi-coordinator` binary (clap flags, signals).
+//! - [`leader`]: etcd leader election (fenced by revision) and the leader's chores
+//!   (relays that left placement, sessions stranded on them).
+//! - [`cli`]: the binary's flags and `run`, shared with `kakehashi-loadtest coordinator`;
+//!   `main.rs` only installs logging and calls it.
 //!
 //! # Invariants
 //! - A code redeems at most once; an ended session never ends again (compare-and-swap).
@@ -23,11 +29,13 @@
 //! - Every task is owned by the [`CoordinatorHandle`]; `shutdown` waits for all of them.
 
 pub mod backend;
+pub mod cli;
 pub mod config;
 #[cfg(any(test, feature = "test-support"))]
 pub mod contract;
 pub mod error;
-mod limiter;
+pub mod leader;
+pub mod limiter;
 mod random;
 mod reaper;
 mod service;
@@ -112,6 +120,15 @@ impl Coordinator {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         });
+        let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+        if let Some(leader_config) = core.config.leader.clone() {
+            tasks.spawn(leader::run(
+                leader_config,
+                core.clone(),
+                leader_tx,
+                cancel.clone(),
+            ));
+        }
         tasks.spawn(reaper::run(core, cancel.clone()));
         tracing::info!(%grpc_addr, public_key = %hex::encode(public_key.as_bytes()), "coordinator started");
 
@@ -121,6 +138,7 @@ impl Coordinator {
             public_key,
             cancel,
             tasks,
+            leader: leader_rx,
         })
     }
 }
@@ -133,9 +151,15 @@ pub struct CoordinatorHandle {
     public_key: VerifyingKey,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
+    leader: tokio::sync::watch::Receiver<bool>,
 }
 
 impl CoordinatorHandle {
+    /// Whether this replica is the elected leader now (always false without etcd).
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
     }

@@ -7,7 +7,7 @@
 pub mod agent;
 pub mod session;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
@@ -18,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::sessions::SessionRecord;
 use crate::config::{Backends, CoordinatorConfig};
 use crate::error::ApiError;
-use crate::limiter::GuessLimiter;
 use crate::random;
 use crate::telemetry;
 
@@ -39,7 +38,6 @@ pub fn now_ms() -> i64 {
 pub struct Core {
     pub config: CoordinatorConfig,
     pub backends: Backends,
-    pub limiter: Mutex<GuessLimiter>,
     /// Cancelled at shutdown; open watch streams end with it.
     pub shutdown: CancellationToken,
 }
@@ -53,7 +51,6 @@ impl Core {
         Arc::new(Self {
             config,
             backends,
-            limiter: Mutex::new(GuessLimiter::new()),
             shutdown,
         })
     }

@@ -15,6 +15,7 @@ pub const RESUMES: &str = "coordinator_session_migrations_total";
 /// Registers help text for every metric. Harmless to call more than once.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_histogram};
+    crate::limiter::describe();
     describe_counter!(SESSIONS_CREATED, Unit::Count, "Sessions created.");
     describe_counter!(
         SESSIONS_ENDED,

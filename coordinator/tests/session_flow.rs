@@ -459,22 +459,42 @@ async fn wrong_code_guesses_trip_the_limiter() -> Result<()> {
         code,
         public_key: vec![1; 32],
     };
-    for i in 0..10 {
+    // Well-formed codes (valid check digit) that no session has.
+    let well_formed = |n: u32| {
+        let payload = format!("{n:05}");
+        let check = kakehashi_coordinator::backend::codes::check_digit(&payload).expect("digits");
+        format!("{payload}{check}")
+    };
+    // A typo (bad check digit) is refused locally and never counts as a guess.
+    let mut typo = well_formed(12_345);
+    let last = typo.pop().expect("non-empty");
+    typo.push(if last == '0' { '1' } else { '0' });
+    for _ in 0..20 {
         let err = c
             .agents
-            .join_by_code(guess(format!("{:06}", 100_000 + i)))
+            .join_by_code(guess(typo.clone()))
+            .await
+            .expect_err("typo");
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+    // The free wrong codes, and one more, which starts the backoff.
+    let free = kakehashi_coordinator::limiter::GuessPolicy::default().free_failures;
+    for i in 0..=free {
+        let err = c
+            .agents
+            .join_by_code(guess(well_formed(10_000 + i)))
             .await
             .expect_err("no session has this code");
         assert_eq!(err.code(), Code::NotFound, "guess {i}");
     }
     let err = c
         .agents
-        .join_by_code(guess("123456".into()))
+        .join_by_code(guess(well_formed(20_000)))
         .await
         .expect_err("limited");
     assert_eq!(err.code(), Code::ResourceExhausted);
 
-    // Even the right code is refused from this address for the rest of the window.
+    // Even the right code is refused from this address until its backoff has passed.
     let created = c
         .sessions
         .create_session(create_req(pb::SessionMode::View))

@@ -6,6 +6,8 @@ use clap::{Parser, Subcommand};
 use kakehashi_loadtest::dev::{self, DevOptions};
 use tracing_subscriber::EnvFilter;
 
+mod codes_bench;
+
 #[derive(Debug, Parser)]
 #[command(version, about = "Kakehashi local cluster and load tests")]
 struct Args {
@@ -27,6 +29,38 @@ enum Command {
         #[arg(long, env = "KAKEHASHI_DEV_FRAME_BYTES", default_value_t = 20_000)]
         frame_bytes: usize,
     },
+    /// Load test: many concurrent sessions through a cluster beside a no-relay baseline,
+    /// per-frame latency measured open-loop; or, with --find-capacity, the knee.
+    Run(Box<kakehashi_loadtest::load::cli::RunArgs>),
+    /// Benchmark: code allocations + redemptions per second through the coordinator's
+    /// Redis code store, beside `redis-benchmark -t set` on the same Redis, as a ratio.
+    CodesBench(codes_bench::Options),
+    /// Relay-kill scenario: live sessions on separate relay processes (real etcd), the
+    /// relay carrying them SIGKILLed repeatedly; resume times and reliable bytes lost.
+    RelayKill {
+        #[arg(long, default_value_t = 20)]
+        kills: u32,
+        #[arg(long, default_value_t = 4)]
+        sessions: u32,
+        #[arg(long, default_value_t = 3)]
+        relays: usize,
+        /// Chat messages per second in each direction of each session.
+        #[arg(long, default_value_t = 50)]
+        chat_rate: u32,
+        #[arg(long, default_value_t = 200)]
+        chat_bytes: usize,
+        /// Milliseconds between the sessions resuming and the next kill.
+        #[arg(long, default_value_t = 1000)]
+        settle_ms: u64,
+        /// Write the JSON report here.
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
+    },
+    /// Run a relay node: exactly `kakehashi-relay` (same flags), so process-level tests
+    /// can start one from this package's own binary.
+    Relay(Box<kakehashi_relay::cli::Args>),
+    /// Run a coordinator replica: exactly `kakehashi-coordinator` (same flags).
+    Coordinator(Box<kakehashi_coordinator::cli::Args>),
 }
 
 #[tokio::main]
@@ -52,6 +86,40 @@ async fn main() -> Result<()> {
             );
             println!("dev session OK");
         }
+        Command::Run(args) => kakehashi_loadtest::load::cli::main(*args).await?,
+        Command::CodesBench(opts) => codes_bench::run(opts).await?,
+        Command::RelayKill {
+            kills,
+            sessions,
+            relays,
+            chat_rate,
+            chat_bytes,
+            settle_ms,
+            report,
+        } => {
+            let out =
+                kakehashi_loadtest::relay_kill::run(kakehashi_loadtest::relay_kill::KillOptions {
+                    kills,
+                    sessions,
+                    relays,
+                    chat_rate,
+                    chat_bytes,
+                    settle: std::time::Duration::from_millis(settle_ms),
+                    program: std::env::current_exe()?,
+                })
+                .await?;
+            let json = serde_json::to_string_pretty(&out)?;
+            println!("{json}");
+            if let Some(path) = report {
+                std::fs::write(&path, &json)?;
+            }
+            ensure!(
+                out.reliable_bytes.lost == 0 && out.reliable_bytes.duplicated == 0,
+                "reliable bytes were lost or duplicated"
+            );
+        }
+        Command::Relay(args) => kakehashi_relay::cli::run(*args).await?,
+        Command::Coordinator(args) => kakehashi_coordinator::cli::run(*args).await?,
     }
     Ok(())
 }

@@ -815,3 +815,41 @@ async fn a_customer_hangup_ends_the_session_in_the_coordinator_too() -> Result<(
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn reliable_channels_survive_a_lossy_jittery_path() -> Result<()> {
+    let cluster = LocalCluster::builder().proxied().start().await?;
+    let mobile =
+        kakehashi_loadtest::proxy::Impairment::profile("mobile").context("profile exists")?;
+    cluster.proxies[0].set_impairment(kakehashi_loadtest::proxy::Impairment {
+        // Heavier loss than the profile, so retransmission certainly happens.
+        loss: 0.05,
+        ..mobile
+    });
+    let (_c, mut host, viewer) =
+        attached_pair(&cluster, pb::SessionMode::Control, Permissions::VIEW).await?;
+    let sent: Vec<String> = (0..200).map(|i| format!("line {i}")).collect();
+    for line in &sent {
+        viewer.send_chat(line).await?;
+    }
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        got.push(
+            host_until(&mut host, |ev| match ev {
+                HostEvent::Chat(c) => Some(c),
+                _ => None,
+            })
+            .await?,
+        );
+    }
+    assert_eq!(
+        got, sent,
+        "every line once, in order, despite loss and jitter"
+    );
+    assert!(
+        cluster.proxies[0].counts().1 > 0,
+        "the proxy really dropped datagrams"
+    );
+    cluster.shutdown().await;
+    Ok(())
+}

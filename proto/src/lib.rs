@@ -10,6 +10,7 @@
 //! - [`token`]: coordinator-signed Ed25519 tokens that relays verify offline.
 //! - [`policy`]: modes, permissions and the consent rule deciding which frame may pass.
 //! - [`ids`]: session identifiers.
+//! - [`membership`]: the etcd key layout of relay registrations and the leader election.
 //!
 //! # Invariants
 //! - Decoding never panics and never allocates past a bound fixed before reading.
@@ -18,6 +19,7 @@
 pub mod dataplane;
 pub mod frame;
 pub mod ids;
+pub mod membership;
 pub mod policy;
 pub mod token;
 

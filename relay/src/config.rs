@@ -31,6 +31,12 @@ pub struct RelayConfig {
     pub idle_timeout: Duration,
     /// SO_RCVBUF / SO_SNDBUF for the UDP socket; small buffers lose packets under load.
     pub socket_buffer_bytes: usize,
+    /// Register in etcd for placement; `None` registers nowhere (coordinators then
+    /// know this relay from their static `--relay` list).
+    pub registration: Option<crate::Registration>,
+    /// How long a drain (SIGTERM) waits for participants to resume elsewhere before
+    /// ending what is left.
+    pub drain_grace: Duration,
     #[cfg(feature = "test-hooks")]
     pub hooks: crate::TestHooks,
 }
@@ -52,6 +58,8 @@ impl RelayConfig {
             keep_alive: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(10),
             socket_buffer_bytes: 8 * 1024 * 1024,
+            registration: None,
+            drain_grace: Duration::from_secs(10),
             #[cfg(feature = "test-hooks")]
             hooks: crate::TestHooks::default(),
         }

@@ -57,6 +57,7 @@ impl Refusal {
             Refusal::Token(_) => "bad_token",
             Refusal::Hello(_) => "bad_hello",
             Refusal::Open(OpenRefused::AtCapacity(_)) => "capacity",
+            Refusal::Open(OpenRefused::Draining) => "draining",
             Refusal::Open(_) | Refusal::Join(JoinRefused::Ended) | Refusal::PastDeadline => "ended",
             Refusal::Join(_) => "session_full",
             Refusal::Busy => "busy",

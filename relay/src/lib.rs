@@ -16,6 +16,10 @@
 //! - `outbox`: per-participant queues and the writer tasks that drain them.
 //! - `admin`: the `RelayAdmin` gRPC service coordinators call.
 //! - `stats`: counters for tests, mirrored into Prometheus metrics.
+//! - `registry`: membership in etcd under a lease (optional; [`Registration`]).
+//! - [`cli`]: the binary's flags and `run`, shared with `kakehashi-loadtest relay`.
+//! - `RelayHandle::drain`: what SIGTERM does — stop taking sessions, send `Drain` to
+//!   every participant, exit once they have gone or the grace period ends.
 //!
 //! # Invariants
 //! - **A relay never persists anything**: kill it at any moment and nothing durable is
@@ -25,10 +29,12 @@
 //! - A failure in one session's actor or tasks ends that session only.
 
 mod admin;
+pub mod cli;
 mod config;
 mod conn;
 mod node;
 mod outbox;
+mod registry;
 mod session;
 mod stats;
 mod tls;
@@ -40,11 +46,13 @@ use std::time::Duration;
 use kakehashi_proto::pb::{self, relay_admin_server::RelayAdminServer};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use config::{ForwardTap, RelayConfig};
+pub use registry::Registration;
 pub use stats::RelayStats;
 pub use tls::TlsError;
 
@@ -134,10 +142,14 @@ impl Relay {
         #[cfg(not(feature = "test-hooks"))]
         let tap = None;
         let stats = Arc::new(RelayStats::default());
+        let (live_tx, live_rx) = watch::channel(0usize);
+        let (draining_tx, draining_rx) = watch::channel(false);
         let ctx = Arc::new(NodeCtx {
             config: config.clone(),
             stats: stats.clone(),
             tap,
+            live_sessions: live_tx,
+            draining: draining_tx,
         });
         let (node, node_join) = Actor::spawn(None, NodeSupervisor, ctx.clone())
             .await
@@ -177,6 +189,28 @@ impl Relay {
             server_name: config.server_name.clone(),
             cert_sha256: identity.cert_sha256.to_vec(),
         };
+        // The registration has its own token: it must outlive the drain (publishing the
+        // draining flag) and stop before the endpoint closes.
+        let registration_cancel = CancellationToken::new();
+        let mut registration = JoinSet::new();
+        if let Some(reg) = config.registration.clone() {
+            let me = registry::Identity {
+                relay_id: config.relay_id.clone(),
+                quic_address: endpoint_info.address.clone(),
+                admin_url: format!("http://{admin_addr}"),
+                server_name: config.server_name.clone(),
+                cert_sha256: identity.cert_sha256.to_vec(),
+                region: reg.region.clone(),
+                capacity: u32::try_from(config.max_sessions).unwrap_or(u32::MAX),
+            };
+            registration.spawn(registry::run(
+                reg,
+                me,
+                live_rx.clone(),
+                draining_rx,
+                registration_cancel.clone(),
+            ));
+        }
         info!(relay = %config.relay_id, %quic_addr, %admin_addr, cert_sha256 = %hex::encode(identity.cert_sha256), "relay serving");
         Ok(RelayHandle {
             endpoint_info,
@@ -188,6 +222,10 @@ impl Relay {
             endpoint,
             cancel,
             tasks,
+            live: live_rx,
+            drain_grace: config.drain_grace,
+            registration_cancel,
+            registration,
         })
     }
 }
@@ -246,6 +284,10 @@ pub struct RelayHandle {
     endpoint: quinn::Endpoint,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
+    live: watch::Receiver<usize>,
+    drain_grace: Duration,
+    registration_cancel: CancellationToken,
+    registration: JoinSet<()>,
 }
 
 impl RelayHandle {
@@ -308,9 +350,42 @@ impl RelayHandle {
         !self.node_join.is_finished()
     }
 
+    /// The configured drain grace period (`--drain-grace-secs`).
+    pub fn drain_grace(&self) -> Duration {
+        self.drain_grace
+    }
+
+    /// Drains the relay, then shuts it down: marks it draining (in etcd too, so no new
+    /// session is placed here), sends `Drain { grace_ms }` to every participant of every
+    /// session so they resume elsewhere, waits until every session is gone or `grace`
+    /// has passed, and ends whatever is left with `RELAY_SHUTDOWN`. Returns how many
+    /// sessions were still live when the grace period ended.
+    pub async fn drain(mut self, grace: Duration) -> usize {
+        let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
+        let _ = self.node.cast(NodeMsg::Drain { grace_ms });
+        let mut live = self.live.clone();
+        let emptied = tokio::time::timeout(grace, live.wait_for(|n| *n == 0)).await;
+        let left = match emptied {
+            Ok(_) => 0,
+            Err(_) => *self.live.borrow(),
+        };
+        info!(sessions_left = left, "drain finished");
+        // Sessions that did not move in time end now; the pause becomes a resume.
+        self.shutdown_inner().await;
+        left
+    }
+
     /// Ends every session (participants are told the relay is shutting down), closes
     /// the endpoint, and returns once every task has stopped.
     pub async fn shutdown(mut self) {
+        self.shutdown_inner().await;
+    }
+
+    async fn shutdown_inner(&mut self) {
+        // Leave placement first (revoking the lease), so no coordinator sends a new
+        // session to a relay that is about to close.
+        self.registration_cancel.cancel();
+        while self.registration.join_next().await.is_some() {}
         let _ = self.node.cast(NodeMsg::EndAll {
             reason: pb::EndReason::RelayShutdown,
             detail: "the relay is shutting down".into(),
@@ -322,7 +397,7 @@ impl RelayHandle {
             b"relay shutting down",
         );
         self.node.stop(None);
-        let _ = self.node_join.await;
+        let _ = (&mut self.node_join).await;
         self.endpoint.wait_idle().await;
     }
 }

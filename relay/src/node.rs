@@ -11,6 +11,7 @@ use kakehashi_proto::dataplane::close;
 use kakehashi_proto::pb::EndReason;
 use kakehashi_proto::{Claims, SessionId};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::config::{ForwardTap, RelayConfig};
@@ -22,6 +23,11 @@ pub(crate) struct NodeCtx {
     pub config: RelayConfig,
     pub stats: Arc<RelayStats>,
     pub tap: Option<ForwardTap>,
+    /// Sessions with a live actor here, for the etcd registration and for drain, which
+    /// waits on it instead of polling the supervisor.
+    pub live_sessions: watch::Sender<usize>,
+    /// Set once the relay starts draining; the registration publishes it.
+    pub draining: watch::Sender<bool>,
 }
 
 impl NodeCtx {
@@ -40,6 +46,8 @@ pub(crate) enum OpenRefused {
     AtCapacity(usize),
     #[error("the session could not be started on this relay")]
     Spawn,
+    #[error("this relay is draining and takes no new sessions; resume elsewhere")]
+    Draining,
 }
 
 pub(crate) struct Opened {
@@ -62,6 +70,11 @@ pub(crate) enum NodeMsg {
         reason: EndReason,
         detail: String,
     },
+    /// The relay is going away: refuse new sessions and tell every participant of every
+    /// session (now and joining later) to resume elsewhere within `grace_ms`.
+    Drain {
+        grace_ms: u32,
+    },
     Count(RpcReplyPort<usize>),
     #[cfg(feature = "test-hooks")]
     Panic(SessionId, RpcReplyPort<bool>),
@@ -79,6 +92,8 @@ pub(crate) struct NodeState {
     /// Sessions that ended here, until their deadline: their tokens stay valid that
     /// long, and must not start the session afresh.
     ended: HashMap<SessionId, u64>,
+    /// `Some(grace_ms)` once draining.
+    draining: Option<u32>,
 }
 
 pub(crate) struct NodeSupervisor;
@@ -98,6 +113,7 @@ impl Actor for NodeSupervisor {
             sessions: HashMap::new(),
             by_actor: HashMap::new(),
             ended: HashMap::new(),
+            draining: None,
         })
     }
 
@@ -130,6 +146,17 @@ impl Actor for NodeSupervisor {
                         reason,
                         detail: detail.clone(),
                     });
+                }
+            }
+            NodeMsg::Drain { grace_ms } => {
+                info!(
+                    sessions = state.sessions.len(),
+                    grace_ms, "draining: telling every participant to resume elsewhere"
+                );
+                state.draining = Some(grace_ms);
+                state.ctx.draining.send_replace(true);
+                for e in state.sessions.values() {
+                    let _ = e.actor.cast(SessionMsg::Drain { grace_ms });
                 }
             }
             NodeMsg::Count(reply) => {
@@ -184,6 +211,9 @@ impl NodeState {
         if self.ended.contains_key(&id) {
             return Err(OpenRefused::Ended);
         }
+        if self.draining.is_some() {
+            return Err(OpenRefused::Draining);
+        }
         let max = self.ctx.config.max_sessions;
         if self.sessions.len() >= max {
             return Err(OpenRefused::AtCapacity(max));
@@ -213,6 +243,7 @@ impl NodeState {
                 shared: shared.clone(),
             },
         );
+        self.ctx.live_sessions.send_replace(self.sessions.len());
         Ok(Opened { actor, shared })
     }
 
@@ -223,6 +254,7 @@ impl NodeState {
         let Some(entry) = self.sessions.remove(&id) else {
             return;
         };
+        self.ctx.live_sessions.send_replace(self.sessions.len());
         self.ctx.stats.session_stopped(failure.is_some());
         match failure {
             Some(err) => {

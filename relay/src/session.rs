@@ -131,6 +131,10 @@ pub(crate) enum SessionMsg {
         reason: EndReason,
         detail: String,
     },
+    /// The relay is draining: participants must resume elsewhere within `grace_ms`.
+    Drain {
+        grace_ms: u32,
+    },
     /// The end grace is over.
     Stop,
     #[cfg(feature = "test-hooks")]
@@ -156,6 +160,8 @@ pub(crate) struct SessionState {
     members: BTreeMap<u64, Member>,
     routes: watch::Sender<Arc<Routes>>,
     ending: bool,
+    /// `Some(grace_ms)` once the relay drains; late joiners are told at once.
+    draining: Option<u32>,
     /// Deadline and end-grace timers; aborted when the actor stops.
     timers: Vec<Timer>,
     // Whatever way the actor goes, dropping its state cancels the session's tasks.
@@ -193,6 +199,7 @@ impl Actor for SessionActor {
             members: BTreeMap::new(),
             routes: watch::channel(Arc::new(Routes::default())).0,
             ending: false,
+            draining: None,
             timers: vec![deadline_timer],
         })
     }
@@ -241,6 +248,12 @@ impl Actor for SessionActor {
                 state.end(&myself, reason, detail);
             }
             SessionMsg::End { reason, detail } => state.end(&myself, reason, detail),
+            SessionMsg::Drain { grace_ms } => {
+                // The session is not ended: its participants move it to another relay
+                // (AgentService.ResumeSession) and leave, which stops this actor.
+                state.draining = Some(grace_ms);
+                state.broadcast(Kind::Drain(pb::Drain { grace_ms }));
+            }
             SessionMsg::Stop => myself.stop(Some("ended".into())),
             #[cfg(feature = "test-hooks")]
             SessionMsg::Panic => panic!("injected fault in session {}", state.shared.id),
@@ -283,6 +296,13 @@ impl SessionState {
             },
         );
         self.publish_routes();
+        if let Some(grace_ms) = self.draining {
+            // Queued behind the Welcome the connection sends first.
+            let _ = self.members[&j.participant_id]
+                .outbox
+                .signal
+                .try_send(Kind::Drain(pb::Drain { grace_ms }));
+        }
         Ok(Joined {
             granted: self.shared.granted(),
             peer_tokens,

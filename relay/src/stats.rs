@@ -54,6 +54,10 @@ pub fn describe() {
         "relay_protocol_errors_total",
         "Connections closed for breaking the protocol"
     );
+    describe_counter!(
+        "relay_registration_errors_total",
+        "Times the etcd registration was lost and retried (sessions are unaffected)"
+    );
 }
 
 impl Default for RelayStats {

@@ -1,7 +1,13 @@
-//! Relay membership and placement.
+//! Relay membership and placement: the [`RelayDirectory`] trait, the static in-memory
+//! directory, and (in [`placement`]) the I/O-free view and policy both it and the etcd
+//! directory (`backend::etcd`) place with.
 
-use std::collections::HashMap;
+pub mod placement;
+
 use std::sync::Mutex;
+use std::time::Instant;
+
+pub use placement::{Accounting, RelayView};
 
 use kakehashi_proto::pb;
 
@@ -50,33 +56,33 @@ pub trait RelayDirectory: Send + Sync + 'static {
     fn release<'a>(&'a self, relay_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>>;
 }
 
-/// Chooses the relay with the fewest live sessions; ties go to the earliest listed.
-/// Returns an index into `load`.
-pub fn least_loaded(load: &[u64]) -> Option<usize> {
-    load.iter()
-        .enumerate()
-        .min_by_key(|(i, l)| (**l, *i))
-        .map(|(i, _)| i)
-}
-
-/// A fixed relay list with per-relay session counts kept in this process.
+/// A fixed relay list (`--relay`) with per-relay session counts kept in this process:
+/// the embedded default, for one coordinator.
 pub struct StaticRelayDirectory {
     relays: Vec<RelayInfo>,
-    live: Mutex<HashMap<String, u64>>,
+    view: Mutex<RelayView>,
 }
+
+/// Sessions a statically configured relay is assumed to take: its real limit is
+/// enforced by the relay itself (`--max-sessions`), which refuses attaches past it.
+const STATIC_CAPACITY: u64 = u64::MAX / 2;
 
 impl StaticRelayDirectory {
     pub fn new(relays: Vec<RelayInfo>) -> Self {
-        let live = relays.iter().map(|r| (r.relay_id.clone(), 0)).collect();
+        let seed = crate::random::u64().unwrap_or(0x9E37_79B9_7F4A_7C15);
+        let mut view = RelayView::new(Accounting::Local, seed);
+        for r in &relays {
+            view.upsert(r.clone(), STATIC_CAPACITY, 0, false);
+        }
         Self {
             relays,
-            live: Mutex::new(live),
+            view: Mutex::new(view),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RelayView> {
         // Counters only; a poisoned lock still holds usable numbers.
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -90,43 +96,16 @@ impl RelayDirectory for StaticRelayDirectory {
         avoid: Option<&'a str>,
     ) -> BoxFuture<'a, Result<RelayInfo, BackendError>> {
         Box::pin(async move {
-            let mut live = self.lock();
-            // An avoided relay counts as full, so it is chosen by no one.
-            let load: Vec<u64> = self
-                .relays
-                .iter()
-                .map(|r| match avoid {
-                    Some(a) if a == r.relay_id => u64::MAX,
-                    _ => live.get(&r.relay_id).copied().unwrap_or(0),
-                })
-                .collect();
-            let i = least_loaded(&load)
-                .filter(|&i| load[i] != u64::MAX)
-                .ok_or(BackendError::NoRelays)?;
-            let relay = self.relays[i].clone();
-            *live.entry(relay.relay_id.clone()).or_insert(0) += 1;
-            Ok(relay)
+            self.lock()
+                .pick(avoid, "", Instant::now())
+                .ok_or(BackendError::NoRelays)
         })
     }
 
     fn release<'a>(&'a self, relay_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
-            if let Some(n) = self.lock().get_mut(relay_id) {
-                *n = n.saturating_sub(1);
-            }
+            self.lock().release(relay_id);
             Ok(())
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::least_loaded;
-
-    #[test]
-    fn placement_prefers_least_loaded_then_first() {
-        assert_eq!(least_loaded(&[]), None);
-        assert_eq!(least_loaded(&[3, 1, 1]), Some(1));
-        assert_eq!(least_loaded(&[0, 0]), Some(0));
     }
 }

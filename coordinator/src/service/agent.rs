@@ -2,16 +2,17 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Instant;
 
 use kakehashi_proto::token::{self, Role};
-use kakehashi_proto::{pb, policy};
+use kakehashi_proto::{SessionId, pb, policy};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::{Core, digests_equal};
+use crate::backend::codes;
 use crate::backend::sessions::SessionRecord;
 use crate::error::ApiError;
+use crate::limiter::{self, Verdict};
 use crate::{telemetry, validate};
 
 /// The tonic service; cheap to clone.
@@ -36,15 +37,15 @@ impl Core {
         }
     }
 
-    fn guesses_allowed(&self, source: IpAddr) -> bool {
-        let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
-        limiter.allows(source, Instant::now())
-    }
-
-    fn record_wrong_code(&self, source: IpAddr) {
+    /// Counts a wrong code against its source and the cluster-wide budget. A failure to
+    /// count fails the call: a limiter that cannot count must not let guesses through.
+    async fn record_wrong_code(&self, source: IpAddr) -> Result<(), ApiError> {
         metrics::counter!(telemetry::CODE_GUESS_FAILURES).increment(1);
-        let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
-        limiter.record_failure(source, Instant::now());
+        self.backends
+            .limiter
+            .record_failure(source, super::now_ms())
+            .await?;
+        Ok(())
     }
 
     pub async fn join_by_code(
@@ -52,13 +53,25 @@ impl Core {
         source: IpAddr,
         req: pb::JoinByCodeRequest,
     ) -> Result<pb::JoinResponse, ApiError> {
-        if !self.guesses_allowed(source) {
-            return Err(ApiError::GuessLimited(source));
-        }
         let code = validate::code(&req.code)?;
+        // A typo fails the check digit here and costs the customer no guess.
+        if !codes::is_well_formed(&code) {
+            return Err(ApiError::invalid(
+                "code",
+                "is not a code we issue (its last digit does not check out); \
+                 ask the operator to read it again",
+            ));
+        }
         let public_key = validate::public_key(&req.public_key)?;
+        if let Verdict::Wait(wait) = self.backends.limiter.check(source, super::now_ms()).await? {
+            metrics::counter!(limiter::GUESS_REFUSALS, "reason" => "backoff").increment(1);
+            return Err(ApiError::GuessLimited {
+                source_ip: source,
+                retry_after_secs: wait.as_secs().max(1),
+            });
+        }
         let Some(id) = self.backends.codes.redeem(&code).await? else {
-            self.record_wrong_code(source);
+            self.record_wrong_code(source).await?;
             return Err(ApiError::CodeNotFound);
         };
         let participant = Self::new_participant_id()?;
@@ -241,35 +254,33 @@ impl Core {
             return Err(ApiError::NotHost);
         }
         let failed = req.failed_relay_id;
-        let record = if record.relay.relay_id == failed {
-            let fresh = self.backends.relays.pick(Some(&failed)).await?;
-            let mut moved = false;
-            let record = self
-                .modify(id, |r| {
-                    if r.is_ended() {
-                        return Err(ApiError::SessionEnded(id));
-                    }
-                    // Another participant may have moved it meanwhile: follow them.
-                    moved = r.relay.relay_id == failed;
-                    if moved {
-                        r.relay = fresh.clone();
-                    }
-                    Ok(())
-                })
-                .await?;
-            // Exactly one of the two relays keeps this session's count.
-            let unused = if moved { &failed } else { &fresh.relay_id };
-            if let Err(e) = self.backends.relays.release(unused).await {
-                tracing::warn!(session = %id, error = %e, "could not release a relay placement");
+        // The session's relay as the directory sees it now: a restarted relay has a new
+        // certificate, and a draining or vanished one is not listed at all.
+        let listed = self
+            .backends
+            .relays
+            .list()
+            .await?
+            .into_iter()
+            .find(|r| r.relay_id == record.relay.relay_id);
+        let record = match listed {
+            Some(current) if record.relay.relay_id != failed => {
+                if current != record.relay {
+                    self.modify(id, |r| {
+                        if r.relay.relay_id == current.relay_id {
+                            r.relay = current.clone();
+                        }
+                        Ok(())
+                    })
+                    .await?
+                } else {
+                    record
+                }
             }
-            if moved {
-                metrics::counter!(telemetry::RESUMES).increment(1);
-                tracing::info!(session = %id, from = %failed, to = %record.relay.relay_id, "session migrated");
-                self.publish(&record, pb::EventKind::RelayMigrated).await?;
+            _ => {
+                self.move_session(id, &record.relay.relay_id, &failed)
+                    .await?
             }
-            record
-        } else {
-            record
         };
         let token = self.participant_token(
             &record,
@@ -278,6 +289,58 @@ impl Core {
             claims.public_key,
         )?;
         Ok(self.join_response(&record, token))
+    }
+}
+
+impl Core {
+    /// Moves session `id` off `from` (its relay in the record) onto a relay that is
+    /// neither `from` nor `failed`, unless another participant moved it meanwhile.
+    async fn move_session(
+        &self,
+        id: SessionId,
+        from: &str,
+        failed: &str,
+    ) -> Result<SessionRecord, ApiError> {
+        // `from` is avoided through the directory (it is gone or draining, so unlisted or
+        // unusable); `failed` is avoided explicitly.
+        let fresh = self.backends.relays.pick(Some(failed)).await?;
+        if fresh.relay_id == from {
+            // The directory still lists the old relay and chose it: it is alive for the
+            // directory, so keep the session there with its fresh endpoint.
+            return self
+                .modify(id, |r| {
+                    if r.relay.relay_id == fresh.relay_id {
+                        r.relay = fresh.clone();
+                    }
+                    Ok(())
+                })
+                .await;
+        }
+        let mut moved = false;
+        let record = self
+            .modify(id, |r| {
+                if r.is_ended() {
+                    return Err(ApiError::SessionEnded(id));
+                }
+                // Another participant may have moved it meanwhile: follow them.
+                moved = r.relay.relay_id == from;
+                if moved {
+                    r.relay = fresh.clone();
+                }
+                Ok(())
+            })
+            .await?;
+        // Exactly one of the two relays keeps this session's count.
+        let unused = if moved { from } else { &fresh.relay_id };
+        if let Err(e) = self.backends.relays.release(unused).await {
+            tracing::warn!(session = %id, error = %e, "could not release a relay placement");
+        }
+        if moved {
+            metrics::counter!(telemetry::RESUMES).increment(1);
+            tracing::info!(session = %id, from, to = %record.relay.relay_id, "session migrated");
+            self.publish(&record, pb::EventKind::RelayMigrated).await?;
+        }
+        Ok(record)
     }
 }
 
