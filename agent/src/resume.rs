@@ -28,6 +28,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// registration leases, because a relay that restarted is a good place to go again.
 const REMEMBER_LOST: Duration = Duration::from_secs(6);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a relay this participant lost recently gets to answer a new attach: enough
+/// for a handshake to a live relay, far less than the idle timeout a dead one costs.
+const RECENTLY_LOST_PROBE: Duration = Duration::from_millis(700);
 
 /// A new attachment for the same session, participant and keys.
 pub(crate) struct Moved {
@@ -180,12 +183,18 @@ impl Resumer {
         deadline: Instant,
     ) -> Result<Moved, Attempt> {
         let joined = self.ask(client, me, current, token, failed).await?;
-        let placed = &joined.relay.relay_id;
+        let placed = joined.relay.relay_id.clone();
         if let Some(ago) = self.recently_lost(&joined.relay) {
-            // Report it failed at once instead of spending a handshake timeout on it.
-            return Err(Attempt::Retry {
-                why: format!("placed on relay {placed}, which this participant lost {ago:?} ago"),
-                failed_relay: Some((placed.clone(), joined.relay.cert_sha256.clone())),
+            // A relay that died may already be back (restarted under the same id): give
+            // it a short probe instead of either refusing it or spending a whole
+            // handshake timeout on it, and report it failed if it stays silent.
+            let probe = (Instant::now() + RECENTLY_LOST_PROBE).min(deadline);
+            return Self::attach(joined, probe).await.map_err(|e| match e {
+                Attempt::Retry { why, failed_relay } => Attempt::Retry {
+                    why: format!("relay {placed}, lost {ago:?} ago, is still silent: {why}"),
+                    failed_relay,
+                },
+                fatal => fatal,
             });
         }
         Self::attach(joined, deadline).await

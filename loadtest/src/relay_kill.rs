@@ -180,7 +180,7 @@ pub async fn run(opts: KillOptions) -> Result<KillReport> {
         flows.push(to_viewer.clone());
         session_ids.push(sid);
         let period = Duration::from_secs(1) / opts.chat_rate.max(1);
-        tasks.spawn(drive_host(
+        tasks.spawn(drive(
             host,
             to_viewer.clone(),
             to_host.clone(),
@@ -189,7 +189,7 @@ pub async fn run(opts: KillOptions) -> Result<KillReport> {
             stop.clone(),
             resumed_tx.clone(),
         ));
-        tasks.spawn(drive_viewer(
+        tasks.spawn(drive(
             viewer,
             to_host,
             to_viewer,
@@ -302,46 +302,53 @@ async fn current_relay(
     Ok(s.relay.map(|r| r.relay_id).unwrap_or_default())
 }
 
-async fn drive_host(
-    mut host: Host,
-    out: Arc<Flow>,
-    inbound: Arc<Flow>,
-    period: Duration,
-    size: usize,
-    stop: CancellationToken,
-    resumed: mpsc::UnboundedSender<Resumed>,
-) {
-    let mut tick = tokio::time::interval(period);
-    let mut last_in = 0u64;
-    let mut n = 0u64;
-    loop {
-        tokio::select! {
-            _ = tick.tick(), if !stop.is_cancelled() => {
-                let text = message(n + 1, size);
-                if host.send_chat(&text).await.is_ok() {
-                    n += 1;
-                    out.sent_msgs.fetch_add(1, Ordering::Relaxed);
-                    out.sent_bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
-                }
-            }
-            ev = host.next_event() => match ev {
-                Some(HostEvent::Chat(text)) => {
-                    if let Some(k) = parse(&text) {
-                        inbound.receive(&mut last_in, k, text.len());
-                    }
-                }
-                Some(HostEvent::Resumed { .. }) => {
-                    let _ = resumed.send(Resumed { at: Instant::now() });
-                }
-                Some(HostEvent::Ended { .. }) | None => return,
-                Some(_) => {}
-            },
+/// What the scenario needs of a participant: send a chat line, see what happens.
+trait ChatPeer: Send + 'static {
+    fn chat(&self, text: &str) -> impl Future<Output = bool> + Send;
+    fn next(&mut self) -> impl Future<Output = Seen> + Send;
+}
+
+enum Seen {
+    Chat(String),
+    Resumed,
+    Ended,
+    Other,
+}
+
+impl ChatPeer for Host {
+    async fn chat(&self, text: &str) -> bool {
+        self.send_chat(text).await.is_ok()
+    }
+
+    async fn next(&mut self) -> Seen {
+        match self.next_event().await {
+            Some(HostEvent::Chat(text)) => Seen::Chat(text),
+            Some(HostEvent::Resumed { .. }) => Seen::Resumed,
+            Some(HostEvent::Ended { .. }) | None => Seen::Ended,
+            Some(_) => Seen::Other,
         }
     }
 }
 
-async fn drive_viewer(
-    mut viewer: Viewer,
+impl ChatPeer for Viewer {
+    async fn chat(&self, text: &str) -> bool {
+        self.send_chat(text).await.is_ok()
+    }
+
+    async fn next(&mut self) -> Seen {
+        match self.next_event().await {
+            Some(ViewerEvent::Chat(text)) => Seen::Chat(text),
+            Some(ViewerEvent::Resumed { .. }) => Seen::Resumed,
+            Some(ViewerEvent::Ended { .. }) | None => Seen::Ended,
+            Some(_) => Seen::Other,
+        }
+    }
+}
+
+/// Sends numbered chat lines at `period` until `stop`, and records what arrives and
+/// every resumption, until the session ends or the task is shut down.
+async fn drive(
+    mut peer: impl ChatPeer,
     out: Arc<Flow>,
     inbound: Arc<Flow>,
     period: Duration,
@@ -356,23 +363,23 @@ async fn drive_viewer(
         tokio::select! {
             _ = tick.tick(), if !stop.is_cancelled() => {
                 let text = message(n + 1, size);
-                if viewer.send_chat(&text).await.is_ok() {
+                if peer.chat(&text).await {
                     n += 1;
                     out.sent_msgs.fetch_add(1, Ordering::Relaxed);
                     out.sent_bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
                 }
             }
-            ev = viewer.next_event() => match ev {
-                Some(ViewerEvent::Chat(text)) => {
+            seen = peer.next() => match seen {
+                Seen::Chat(text) => {
                     if let Some(k) = parse(&text) {
                         inbound.receive(&mut last_in, k, text.len());
                     }
                 }
-                Some(ViewerEvent::Resumed { .. }) => {
+                Seen::Resumed => {
                     let _ = resumed.send(Resumed { at: Instant::now() });
                 }
-                Some(ViewerEvent::Ended { .. }) | None => return,
-                Some(_) => {}
+                Seen::Ended => return,
+                Seen::Other => {}
             },
         }
     }
