@@ -157,23 +157,13 @@ impl ChannelSender {
         seq
     }
 
-    fn priority(&self) -> i32 {
-        // Input and control must not queue behind a large screen frame.
-        match self.channel {
-            Channel::Input | Channel::Control | Channel::Signal | Channel::Ack => 3,
-            Channel::Chat | Channel::Pointer => 2,
-            Channel::Screen => 1,
-            Channel::File => 0,
-        }
-    }
-
     async fn write(&mut self, conn: &quinn::Connection, raw: &[u8]) -> Result<(), LinkError> {
         let stream = match &mut self.stream {
             Some(s) => s,
             None => {
                 let s = conn.open_uni().await.map_err(LinkError::from_connection)?;
                 // Priority only fails on a stream that is already closed.
-                let _ = s.set_priority(self.priority());
+                let _ = s.set_priority(self.channel.priority());
                 self.stream.insert(s)
             }
         };

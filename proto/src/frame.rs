@@ -86,6 +86,17 @@ impl Channel {
         )
     }
 
+    /// QUIC stream priority for this channel's stream, the same at every sender: input
+    /// and control never queue behind a large screen frame, files go last.
+    pub fn priority(self) -> i32 {
+        match self {
+            Channel::Signal | Channel::Input | Channel::Control | Channel::Ack => 3,
+            Channel::Chat | Channel::Pointer => 2,
+            Channel::Screen => 1,
+            Channel::File => 0,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Channel::Signal => "signal",

@@ -98,16 +98,6 @@ impl Outbox {
     }
 }
 
-/// Stream priority: input and control first, screen behind them, files last.
-fn priority(channel: Channel) -> i32 {
-    match channel {
-        Channel::Signal | Channel::Input | Channel::Control | Channel::Ack => 3,
-        Channel::Chat | Channel::Pointer => 2,
-        Channel::Screen => 1,
-        Channel::File => 0,
-    }
-}
-
 /// Drains one channel's queue onto one uni stream, opened on the first frame. Returns
 /// when the queue closes or the connection fails.
 pub(crate) async fn run_writer(
@@ -123,7 +113,7 @@ pub(crate) async fn run_writer(
             None => match conn.open_uni().await {
                 Ok(s) => {
                     // Only fails on a stream that is already closed.
-                    let _ = s.set_priority(priority(channel));
+                    let _ = s.set_priority(channel.priority());
                     stream.insert(s)
                 }
                 Err(_) => return,

@@ -282,21 +282,9 @@ impl Core {
         from: &str,
         failed: &str,
     ) -> Result<SessionRecord, ApiError> {
-        // `from` is avoided through the directory (it is gone or draining, so unlisted or
-        // unusable); `failed` is avoided explicitly.
+        // `from` is either `failed` (avoided here) or no longer listed (gone or
+        // draining), so the directory never picks it.
         let fresh = self.backends.relays.pick(Some(failed)).await?;
-        if fresh.relay_id == from {
-            // The directory still lists the old relay and chose it: it is alive for the
-            // directory, so keep the session there with its fresh endpoint.
-            return self
-                .modify(id, |r| {
-                    if r.relay.relay_id == fresh.relay_id {
-                        r.relay = fresh.clone();
-                    }
-                    Ok(())
-                })
-                .await;
-        }
         let mut moved = false;
         let record = self
             .modify(id, |r| {

@@ -26,8 +26,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
-use super::pacer::{self, Tick};
-use super::stats::{PathStats, histogram};
+use super::pacer::Tick;
+use super::stats::{PathStats, ViewerTally};
 use super::traffic::{self, chat_line, input_event};
 use super::{SessionCtx, maybe_tick};
 use crate::proxy::{Impairment, UdpProxy};
@@ -329,8 +329,7 @@ async fn send_chat(end: &mut End, line: &str) -> Result<()> {
 async fn drive_viewer(ctx: &SessionCtx, stats: &PathStats, viewer: &mut End, created_at: Instant) {
     let mut chat = ctx.traffic.chat_period().map(tokio::time::interval);
     let mut input = ctx.traffic.input_period().map(tokio::time::interval);
-    let mut latency = histogram();
-    let mut first = true;
+    let mut tally = ViewerTally::new(created_at);
     let mut n = 0u64;
     loop {
         let sending = !ctx.sending_over.is_cancelled();
@@ -339,16 +338,7 @@ async fn drive_viewer(ctx: &SessionCtx, stats: &PathStats, viewer: &mut End, cre
             _ = ctx.stop.cancelled() => break,
             ev = viewer.events.recv() => match ev {
                 Some(Event::Screen(frame)) => {
-                    let now = pacer::now_us();
-                    if first {
-                        first = false;
-                        stats.record_setup(created_at.elapsed().as_micros() as u64);
-                    }
-                    if let Some((intended, true)) = traffic::stamp(&frame) {
-                        latency.saturating_record(now.saturating_sub(intended).max(1));
-                        stats.frames_received.fetch_add(1, Ordering::Relaxed);
-                        stats.wire_bytes_received.fetch_add(traffic::wire_len(&frame), Ordering::Relaxed);
-                    }
+                    tally.screen(stats, &frame);
                 }
                 Some(Event::Chat(c)) => {
                     stats.reliable_delivered.fetch_add(c.len() as u64, Ordering::Relaxed);
@@ -373,5 +363,5 @@ async fn drive_viewer(ctx: &SessionCtx, stats: &PathStats, viewer: &mut End, cre
             }
         }
     }
-    stats.merge_latency(&latency);
+    tally.finish(stats);
 }

@@ -14,8 +14,8 @@ use prost::Message;
 use tokio::time::timeout;
 use tonic::transport::Channel;
 
-use super::pacer::{self, Tick};
-use super::stats::{PathStats, histogram};
+use super::pacer::Tick;
+use super::stats::{PathStats, ViewerTally};
 use super::traffic::{self, chat_line, input_event};
 use super::{SessionCtx, maybe_tick};
 
@@ -183,8 +183,7 @@ async fn drive_viewer(
 ) {
     let mut chat = ctx.traffic.chat_period().map(tokio::time::interval);
     let mut input = ctx.traffic.input_period().map(tokio::time::interval);
-    let mut latency = histogram();
-    let mut first = true;
+    let mut tally = ViewerTally::new(created_at);
     let mut n = 0u64;
     loop {
         let sending = !ctx.sending_over.is_cancelled();
@@ -193,16 +192,7 @@ async fn drive_viewer(
             _ = ctx.stop.cancelled() => break,
             ev = viewer.next_event() => match ev {
                 Some(ViewerEvent::Screen { frame, .. }) => {
-                    let now = pacer::now_us();
-                    if first {
-                        first = false;
-                        stats.record_setup(created_at.elapsed().as_micros() as u64);
-                    }
-                    if let Some((intended, true)) = traffic::stamp(&frame) {
-                        latency.saturating_record(now.saturating_sub(intended).max(1));
-                        stats.frames_received.fetch_add(1, Ordering::Relaxed);
-                        stats.wire_bytes_received.fetch_add(traffic::wire_len(&frame), Ordering::Relaxed);
-                    }
+                    tally.screen(stats, &frame);
                 }
                 Some(ViewerEvent::Chat(c)) => {
                     stats.reliable_delivered.fetch_add(c.len() as u64, Ordering::Relaxed);
@@ -228,5 +218,5 @@ async fn drive_viewer(
             }
         }
     }
-    stats.merge_latency(&latency);
+    tally.finish(stats);
 }

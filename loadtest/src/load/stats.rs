@@ -2,10 +2,14 @@
 //! histograms that session tasks fill locally and merge when they finish.
 
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
+use kakehashi_proto::pb;
+
+use super::{pacer, traffic};
 use crate::latency::Percentiles;
 
 /// 1 µs to 100 s at 3 significant digits; values outside are clamped, never lost.
@@ -52,6 +56,45 @@ pub struct PathStats {
     pub reliable_delivered: AtomicU64,
     latency_us: Mutex<Option<Histogram<u64>>>,
     setup_us: Mutex<Option<Histogram<u64>>>,
+}
+
+/// What one session's viewer measures, on either path: set-up time at its first screen
+/// frame, then each counted frame's latency from its intended send time.
+pub struct ViewerTally {
+    created_at: Instant,
+    first: bool,
+    latency: Histogram<u64>,
+}
+
+impl ViewerTally {
+    pub fn new(created_at: Instant) -> Self {
+        Self {
+            created_at,
+            first: true,
+            latency: histogram(),
+        }
+    }
+
+    pub fn screen(&mut self, stats: &PathStats, frame: &pb::ScreenFrame) {
+        let now = pacer::now_us();
+        if self.first {
+            self.first = false;
+            stats.record_setup(self.created_at.elapsed().as_micros() as u64);
+        }
+        if let Some((intended, true)) = traffic::stamp(frame) {
+            self.latency
+                .saturating_record(now.saturating_sub(intended).max(1));
+            stats.frames_received.fetch_add(1, Ordering::Relaxed);
+            stats
+                .wire_bytes_received
+                .fetch_add(traffic::wire_len(frame), Ordering::Relaxed);
+        }
+    }
+
+    /// Adds this session's latencies to the path's.
+    pub fn finish(self, stats: &PathStats) {
+        stats.merge_latency(&self.latency);
+    }
 }
 
 impl PathStats {
