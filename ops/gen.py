@@ -426,6 +426,12 @@ class Dashboards:
                     P("Create p99", [(Q(create, "0.99"), "p99")], kind="stat", unit="s", w=4, h=4,
                       desc="CreateSession latency (placement, code, record, event), worst replica."),
                     P("RPC errors / s", [(R("coordinator_rpc_errors_total"), "errors")], kind="stat", unit="ops", w=4, h=4),
+                    P("Coordinators reaching their backends", [(f"sum({self.need('coordinator_backends_up')})", "replicas")], kind="stat", w=8, h=4,
+                      desc="Replicas whose last probe of Redis and etcd succeeded; the others answer gRPC health NOT_SERVING."),
+                    P("Relays ready", [(f"sum({self.need('relay_ready')})", "ready")], kind="stat", w=8, h=4,
+                      desc="Relays whose /readyz answers 200: registered in etcd and not draining."),
+                    P("Relays draining", [(f"sum({self.need('relay_draining')})", "draining")], kind="stat", w=8, h=4,
+                      desc="Relays draining after SIGTERM; their sessions are moving to other relays."),
                 ]),
                 ("Sessions", [
                     P("Live sessions per relay", [("sum by (instance) (relay_sessions_active)", "{{instance}}")], stack=True,
@@ -440,6 +446,10 @@ class Dashboards:
                 ]),
                 ("Control plane", [
                     P("CreateSession latency", [(Q(create, q), f"p{float(q) * 100:g}") for q in ("0.5", "0.9", "0.99")], unit="s"),
+                    P("Placement latency", [(Q("coordinator_placement_seconds", q), f"p{float(q) * 100:g}") for q in ("0.5", "0.99")], unit="s",
+                      desc="Choosing a relay for a new or moving session, worst replica."),
+                    P("Backend errors / s", [(R("coordinator_backend_errors_total", by="backend"), "{{backend}}")], unit="ops",
+                      desc="Failed Redis commands, lost etcd watches and failed leader-election calls."),
                     P("RPC errors / s by kind", [(R("coordinator_rpc_errors_total", by="rpc, kind"), "{{rpc}} {{kind}}")], unit="ops", stack=True),
                     P("Leader", [
                         (f"sum({self.need('coordinator_is_leader')})", "replicas that are leader"),
@@ -473,8 +483,17 @@ class Dashboards:
                         (R("relay_sessions_failed_total", by="instance", sel=relay_sel), "failed {{instance}}"),
                     ], unit="ops", w=8),
                     P("Attaches refused / s by reason", [(R("relay_attach_refused_total", by="reason", sel=relay_sel), "{{reason}}")], unit="ops", w=8),
+                    P("Load: live sessions / capacity", [
+                        (f"sum by (instance) (relay_sessions_active{{{relay_sel}}}) / sum by (instance) ({self.need('relay_capacity_sessions')}{{{relay_sel}}})", "{{instance}}"),
+                    ], unit="percentunit", w=12, desc="What the relay publishes in etcd as its load; placement avoids full relays."),
+                    P("Ready and draining", [
+                        (f"sum by (instance) ({self.need('relay_ready')}{{{relay_sel}}})", "ready {{instance}}"),
+                        (f"sum by (instance) ({self.need('relay_draining')}{{{relay_sel}}})", "draining {{instance}}"),
+                    ], w=12, desc="/readyz is 200 while registered and not draining."),
                 ]),
                 ("Forwarding", [
+                    P("Forwarding latency (read to written)", [(Q("relay_forward_latency_seconds", q, by="instance"), f"p{float(q) * 100:g} {{{{instance}}}}") for q in ("0.5", "0.99")], unit="s", w=24,
+                      desc="Time a frame spends inside the relay, from read to handed to the recipient's stream."),
                     P("Bandwidth forwarded by channel", [(f"8 * {R('relay_bytes_forwarded_total', by='channel', sel=relay_sel)}", "{{channel}}")], unit="bps", stack=True),
                     P("Frames forwarded / s by channel", [(R("relay_frames_forwarded_total", by="channel", sel=relay_sel), "{{channel}}")], unit="ops", stack=True),
                     P("Screen frames dropped for slow viewers / s", [(R("relay_screen_frames_dropped_total", by="instance", sel=relay_sel), "{{instance}}")], unit="ops",
@@ -508,6 +527,16 @@ class Dashboards:
                     P("Failed session actors / s", [(R("relay_sessions_failed_total"), "failed")], unit="ops",
                       desc="A panic inside a session actor; it ends that session only."),
                     P("Sessions moved to another relay / s", [(R("coordinator_session_migrations_total"), "migrations")], unit="ops"),
+                    P("Relay forwarding latency", [(Q("relay_forward_latency_seconds", q), f"p{float(q) * 100:g}") for q in ("0.5", "0.99", "0.999")], unit="s",
+                      desc="Time inside the relay from reading a frame to handing it to the recipient's stream, worst relay."),
+                ]),
+                ("Consent and resume", [
+                    P("Consent decisions / s", [(R("coordinator_consent_events_total", by="decision, permission"), "{{decision}} {{permission}}")], unit="ops", w=8,
+                      desc="What customers granted, denied or revoked, as their agents report it."),
+                    P("ResumeSession calls / s", [(R("coordinator_resume_calls_total", by="result"), "{{result}}")], unit="ops", w=8,
+                      desc="Participants moving after a relay loss or drain."),
+                    P("ResumeSession latency", [(Q("coordinator_resume_seconds", q), f"p{float(q) * 100:g}") for q in ("0.5", "0.99")], unit="s", w=8,
+                      desc="The coordinator's share of a resume; detection (QUIC idle timeout) comes on top."),
                 ]),
                 ("Endings", [
                     P("Sessions ended / s by reason", [(R("coordinator_sessions_ended_total", by="reason"), "{{reason}}")], unit="ops", stack=True, w=24),
@@ -521,6 +550,10 @@ class Dashboards:
             "Code guessing, the cluster-wide guess budget, and everything refused for a reason.",
             [
                 ("Session codes", [
+                    P("Codes allocated and redeemed / s", [
+                        (R("coordinator_codes_allocated_total"), "allocated"),
+                        (R("coordinator_codes_redeemed_total"), "redeemed"),
+                    ], unit="ops", w=24, desc="Every session gets a code; a redemption is a customer typing it correctly."),
                     P("Wrong codes / s", [(R("coordinator_code_guess_failures_total"), "wrong codes")], unit="ops", w=8),
                     P("Refused by the guess limiter / s", [(R("coordinator_guess_refusals_total", by="reason"), "{{reason}}")], unit="ops", w=8),
                     P("Guess budget exceeded", [(f"max({self.need('coordinator_guess_budget_exceeded')})", "exceeded")], kind="stat", w=4,

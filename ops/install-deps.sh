@@ -10,6 +10,8 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server etcd-client)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 # promtool (rule checks and tests in ops/check-ops.sh) ships only in the server package.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# Xvfb for the media tests (agent/tests/media_x11.rs); nasm for OpenH264's SIMD kernels.
+command -v Xvfb >/dev/null 2>&1 || need+=(xvfb); command -v nasm >/dev/null 2>&1 || need+=(nasm)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then sudo=(); elif command -v sudo >/dev/null 2>&1; then sudo=(sudo); else

@@ -252,6 +252,24 @@ impl Conduit {
         }
     }
 
+    /// Waits until fewer than `bytes` bytes of `channel` wait for an acknowledgement.
+    /// Cancel-safe (it sends nothing): for a sender that must stay responsive, such as
+    /// a file transfer a revoke may stop, and so never lets the replay buffer fill.
+    pub async fn below(&self, channel: Channel, bytes: usize) -> Result<(), AgentError> {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.buffer().bytes(channel) < bytes {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = self.ended.cancelled() => return Err(AgentError::Ended),
+            }
+        }
+    }
+
     /// Sends a cumulative ack to `recipient` on the ack channel. Acks are never kept:
     /// a later one supersedes a lost one.
     pub async fn send_ack(

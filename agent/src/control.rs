@@ -185,6 +185,10 @@ pub struct EventView {
     pub granted: Vec<&'static str>,
     pub end_reason: String,
     pub detail: String,
+    pub actor: String,
+    /// What the event is about: requested, newly granted, denied or revoked.
+    pub permissions: Vec<&'static str>,
+    pub remaining_secs: u32,
 }
 
 impl From<&pb::SessionEvent> for EventView {
@@ -199,15 +203,31 @@ impl From<&pb::SessionEvent> for EventView {
             granted: perm_names(e.granted),
             end_reason: enum_name(e.end_reason, end_reason_name),
             detail: e.detail.clone(),
+            actor: enum_name(e.actor, |a: pb::EventActor| {
+                short(a.as_str_name(), "EVENT_ACTOR_")
+            }),
+            permissions: perm_names(e.permissions),
+            remaining_secs: e.remaining_secs,
         }
     }
 }
 
 impl fmt::Display for EventView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "#{} {} {}", self.seq, self.at_unix_ms, self.kind)?;
+        write!(
+            f,
+            "#{} {} {} by {}",
+            self.seq, self.at_unix_ms, self.kind, self.actor
+        )?;
         match self.kind.as_str() {
-            "consent_given" | "consent_denied" => write!(f, " granted={}", list(&self.granted))?,
+            "consent_given" | "consent_denied" | "consent_revoked" => write!(
+                f,
+                " permissions={} granted={}",
+                list(&self.permissions),
+                list(&self.granted)
+            )?,
+            "permission_requested" => write!(f, " permissions={}", list(&self.permissions))?,
+            "time_warning" => write!(f, " remaining={}s", self.remaining_secs)?,
             "ended" => write!(f, " reason={}", self.end_reason)?,
             _ => {}
         }
@@ -216,6 +236,82 @@ impl fmt::Display for EventView {
         }
         Ok(())
     }
+}
+
+/// System information as lines of `field: value`, "unknown" where the platform could
+/// not tell.
+pub fn system_info_text(i: &pb::SystemInfo) -> String {
+    fn opt<T: fmt::Display>(v: Option<T>) -> String {
+        v.map_or_else(|| "unknown".to_owned(), |v| v.to_string())
+    }
+    let mib = |b: Option<u64>| b.map(|b| format!("{} MiB", b / (1024 * 1024)));
+    let mut lines = vec![
+        format!(
+            "  OS: {} {}",
+            opt(i.os_name.as_deref()),
+            i.os_version.as_deref().unwrap_or("")
+        ),
+        format!(
+            "  browser: {} {}",
+            opt(i.default_browser.as_deref()),
+            i.browser_version.as_deref().unwrap_or("")
+        )
+        .trim_end()
+        .to_owned(),
+    ];
+    let full = i.hostname.is_some() || i.cpu_model.is_some() || i.memory_total_bytes.is_some();
+    if full {
+        lines.extend([
+            format!("  kernel: {}", opt(i.kernel.as_deref())),
+            format!("  host name: {}", opt(i.hostname.as_deref())),
+            format!(
+                "  machine: {} {} ({})",
+                opt(i.manufacturer.as_deref()),
+                i.model.as_deref().unwrap_or(""),
+                opt(i.machine_type.as_deref())
+            ),
+            format!(
+                "  CPU: {} x{} @ {} MHz",
+                opt(i.cpu_model.as_deref()),
+                opt(i.cpu_cores),
+                opt(i.cpu_mhz)
+            ),
+            format!(
+                "  memory: {} total, {} available",
+                opt(mib(i.memory_total_bytes)),
+                opt(mib(i.memory_available_bytes))
+            ),
+            format!(
+                "  disk: {} free of {}",
+                opt(mib(i.disk_free_bytes)),
+                opt(mib(i.disk_total_bytes))
+            ),
+            format!(
+                "  mailer: {} {}",
+                opt(i.default_mailer.as_deref()),
+                i.mailer_version.as_deref().unwrap_or("")
+            ),
+            format!("  firewall: {}", opt(i.firewall.as_deref())),
+            format!("  antivirus: {}", opt(i.antivirus.as_deref())),
+            format!(
+                "  installed apps: {}",
+                if i.apps_listed {
+                    i.installed_apps.len().to_string()
+                } else {
+                    "unknown".to_owned()
+                }
+            ),
+        ]);
+        for n in &i.interfaces {
+            lines.push(format!(
+                "  interface {}: mac {} addresses {}",
+                n.name,
+                opt(n.mac.as_deref()),
+                n.addresses.join(", ")
+            ));
+        }
+    }
+    lines.join("\n")
 }
 
 #[cfg(test)]
@@ -280,10 +376,14 @@ mod tests {
             seq: 4,
             kind: pb::EventKind::ConsentGiven as i32,
             granted: 1,
+            actor: pb::EventActor::Customer as i32,
+            permissions: 1,
             ..Default::default()
         };
         let v = EventView::from(&e);
         assert_eq!(v.kind, "consent_given");
+        assert_eq!(v.actor, "customer");
         assert!(v.to_string().contains("granted=view"));
+        assert!(v.to_string().contains("by customer"));
     }
 }

@@ -53,6 +53,11 @@ pub enum AgentError {
     },
     #[error("the session moved to another relay while this frame was being sent; it was not sent")]
     Moved,
+    #[error("the relay did not confirm the {what} within {waited:?}")]
+    NotConfirmed {
+        what: &'static str,
+        waited: std::time::Duration,
+    },
 }
 
 impl AgentError {

@@ -17,7 +17,7 @@ use kakehashi_proto::policy::may_forward;
 use kakehashi_proto::token::Role;
 use kakehashi_proto::{Channel, Frame, Mode, Permissions, pb};
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
@@ -30,15 +30,24 @@ use crate::link::{LinkError, LinkReceiver, LinkSender, RelayLink};
 use crate::peer::{self, Joined, Peer};
 use crate::reliable::{RecvTracker, Verdict};
 use crate::resume::{Failure, Moved, Resumer};
+use report::{Report, run_reporter};
 
+mod controls;
+mod files;
+mod report;
 mod synthetic;
 
-pub use synthetic::SyntheticScreen;
+pub use synthetic::{Source as SyntheticSource, SyntheticScreen};
 
 /// Events for the application are few and small; a full queue slows the relay down.
 const EVENT_QUEUE: usize = 1024;
 /// ReportConsent is advisory (the relay enforces), so it must not hold anything up.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Host::revoke`] and [`Host::pause_sharing`] wait for the relay to confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reports waiting for the coordinator; past this the oldest are dropped and logged
+/// (the relay enforces; the event log is what loses them).
+const REPORT_QUEUE: usize = 256;
 /// After `SessionEnded` or a hangup the relay closes; wait this long for it.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// How often delivered frames are acknowledged (when something new arrived).
@@ -55,6 +64,27 @@ const FOLLOW_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct HostConfig {
     pub consent: Consent,
+}
+
+/// What a support session does beyond consent; [`Host::join_with_options`].
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// Warn ([`HostEvent::TimeWarning`], and a TIME_WARNING event on `WatchSession`)
+    /// this long before the session's time limit. A session shorter than a warning
+    /// gets one warning at once.
+    pub time_warnings: Vec<Duration>,
+    /// End the session (END_REASON_IDLE_TIMEOUT) when no chat, input, pointer, keyboard
+    /// display or permission request passed for this long. `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        Self {
+            time_warnings: vec![Duration::from_secs(300), Duration::from_secs(60)],
+            idle_timeout: None,
+        }
+    }
 }
 
 impl Default for HostConfig {
@@ -82,7 +112,37 @@ pub enum HostEvent {
     /// Operator input, delivered only in a control session with CONTROL granted.
     Input(pb::InputEvent),
     Chat(String),
+    /// A pointer hint ("指差し") to draw; allowed in view-only sessions, never input.
     Pointer(pb::PointerHint),
+    /// Keys the operator shows the customer to press ("keyboard display"); never
+    /// injected, allowed in view-only sessions.
+    KeyDisplay {
+        keys: Vec<String>,
+        note: String,
+    },
+    /// The session reaches its time limit in `remaining_secs`.
+    TimeWarning {
+        remaining_secs: u64,
+    },
+    /// [`Consent::Manual`]: the operator offers a file; answer with
+    /// [`Host::answer_file`]. With `Approve`, files are accepted only if the approved
+    /// set includes file transfer.
+    FileOffered {
+        transfer_id: u64,
+        name: String,
+        size: u64,
+    },
+    /// A file from the operator arrived whole, its SHA-256 checked. Held in memory only.
+    FileReceived {
+        transfer_id: u64,
+        name: String,
+        data: Vec<u8>,
+    },
+    /// An incoming file stopped: cancelled, damaged, or file transfer revoked.
+    FileCancelled {
+        transfer_id: u64,
+        reason: String,
+    },
     /// A viewer lost frames: the next screen frame should be a key frame.
     KeyFrameRequested,
     /// The session moved to relay `relay_id` after the previous one was lost or
@@ -99,6 +159,9 @@ pub enum HostEvent {
 
 struct State {
     granted: Permissions,
+    /// The customer paused sharing: no screen leaves this host, and the relay's grant
+    /// carries [`Permissions::PAUSED`].
+    paused: bool,
     viewers: HashMap<u64, Peer>,
     /// The viewer screen frames are sealed for (the most recent one).
     current: Option<u64>,
@@ -120,6 +183,12 @@ struct Shared {
     /// [`Host::force_resume`]: move as if the relay were lost.
     force_move: tokio::sync::Notify,
     counters: Counters,
+    /// The grant the relay last confirmed (`GrantsChanged`), pause flag included.
+    relay_grant: watch::Sender<Permissions>,
+    /// Last chat, input, pointer, keyboard display or request, for the idle timeout.
+    last_activity: Mutex<Instant>,
+    /// This host's files on their way to the viewer.
+    outgoing: crate::files::Outgoing,
 }
 
 /// What the receiving side dropped, by cause.
@@ -131,11 +200,41 @@ pub(crate) struct Counters {
     pub resumes: AtomicU64,
 }
 
+impl State {
+    /// The grant as the relay must hold it: the permissions plus the pause flag.
+    fn wire_grant(&self) -> Permissions {
+        if self.paused {
+            self.granted | Permissions::PAUSED
+        } else {
+            self.granted
+        }
+    }
+}
+
+/// What the application asks the driver to do; each answers with the grant sent.
+enum Command {
+    Revoke(Permissions, oneshot::Sender<Permissions>),
+    Pause(bool, oneshot::Sender<Permissions>),
+    /// The customer's decision on an offered file.
+    File(u64, bool),
+}
+
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the state half-updated in a way
         // that matters more than stopping, so keep going with it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn touch(&self) {
+        *self.last_activity.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
     }
 
     fn token(&self) -> Vec<u8> {
@@ -154,6 +253,7 @@ pub struct Host {
     conduit: Arc<Conduit>,
     events: mpsc::Receiver<HostEvent>,
     answers: mpsc::UnboundedSender<Permissions>,
+    commands: mpsc::UnboundedSender<Command>,
     cancel: CancellationToken,
     // The driver; aborted when the host is dropped.
     _tasks: JoinSet<()>,
@@ -176,6 +276,16 @@ impl Host {
         code: &str,
         config: HostConfig,
     ) -> Result<Host, AgentError> {
+        Self::join_with_options(coordinator_url, code, config, HostOptions::default()).await
+    }
+
+    /// [`Host::join`] with time warnings and an idle timeout of the caller's choosing.
+    pub async fn join_with_options(
+        coordinator_url: &str,
+        code: &str,
+        config: HostConfig,
+        options: HostOptions,
+    ) -> Result<Host, AgentError> {
         let me = Keypair::generate()?;
         let channel = connect_coordinator(coordinator_url).await?;
         let mut agent = AgentServiceClient::new(channel);
@@ -191,7 +301,15 @@ impl Host {
         let (link, welcome) =
             RelayLink::connect(&joined.relay, &joined.token, &joined.session_id).await?;
         info!(session = %joined.session_id, participant = welcome.participant_id, "host attached");
-        Ok(Self::start(joined, me, link, welcome, config, Some(agent)))
+        Ok(Self::start_with_options(
+            joined,
+            me,
+            link,
+            welcome,
+            config,
+            options,
+            Some(agent),
+        ))
     }
 
     /// Starts a host on an attached link. `coordinator` receives `ReportConsent` and
@@ -208,6 +326,27 @@ impl Host {
         config: HostConfig,
         coordinator: Option<AgentServiceClient<tonic::transport::Channel>>,
     ) -> Host {
+        Self::start_with_options(
+            joined,
+            me,
+            link,
+            welcome,
+            config,
+            HostOptions::default(),
+            coordinator,
+        )
+    }
+
+    #[doc(hidden)]
+    pub fn start_with_options(
+        joined: Joined,
+        me: Keypair,
+        link: RelayLink,
+        welcome: pb::Welcome,
+        config: HostConfig,
+        options: HostOptions,
+        coordinator: Option<AgentServiceClient<tonic::transport::Channel>>,
+    ) -> Host {
         let participant_id = link.participant_id();
         let (tx, rx) = link.into_parts();
         let mode = joined.claims.mode;
@@ -219,6 +358,7 @@ impl Host {
             mode,
             state: Mutex::new(State {
                 granted: Permissions::NONE,
+                paused: false,
                 viewers: HashMap::new(),
                 current: None,
                 ended: false,
@@ -228,27 +368,42 @@ impl Host {
             regranting: AtomicBool::new(false),
             force_move: tokio::sync::Notify::new(),
             counters: Counters::default(),
+            relay_grant: watch::channel(Permissions::NONE).0,
+            last_activity: Mutex::new(Instant::now()),
+            outgoing: crate::files::Outgoing::default(),
         });
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (answers, answers_rx) = mpsc::unbounded_channel();
+        let (commands, commands_rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let mut reports = JoinSet::new();
+        let reporter = coordinator.clone().map(|client| {
+            let (tx, rx) = mpsc::channel(REPORT_QUEUE);
+            reports.spawn(run_reporter(client, shared.clone(), rx));
+            tx
+        });
         let driver = Driver {
             shared: shared.clone(),
             me,
             conduit: conduit.clone(),
             events: events_tx,
             answers_tx: answers.clone(),
+            commands_tx: commands.clone(),
             consent: config.consent,
             queue: VecDeque::new(),
             asking: None,
-            resumer: Resumer::new(coordinator.clone(), Role::Host),
-            reporter: coordinator,
+            resumer: Resumer::new(coordinator, Role::Host),
+            reporter,
             relay_id,
             tracker: RecvTracker::default(),
             follow: None,
             replays: JoinSet::new(),
             prompts: JoinSet::new(),
-            reports: JoinSet::new(),
+            reports,
+            options,
+            warned: Vec::new(),
+            idle_hangup: None,
+            incoming: crate::files::Receiver::default(),
         };
         let mut tasks = JoinSet::new();
         let span = tracing::info_span!(
@@ -258,7 +413,7 @@ impl Host {
         );
         tasks.spawn(
             driver
-                .run(rx, answers_rx, welcome, cancel.clone())
+                .run(rx, answers_rx, commands_rx, welcome, cancel.clone())
                 .instrument(span),
         );
         Host {
@@ -267,6 +422,7 @@ impl Host {
             conduit,
             events,
             answers,
+            commands,
             cancel,
             _tasks: tasks,
         }
@@ -290,6 +446,92 @@ impl Host {
     /// The full set the customer has granted so far.
     pub fn granted(&self) -> Permissions {
         self.shared.state().granted
+    }
+
+    /// Whether the customer has paused sharing.
+    pub fn is_paused(&self) -> bool {
+        self.shared.state().paused
+    }
+
+    /// Withdraws `perms` at once: the host stops sending and obeying what they allowed,
+    /// tells the relay (which enforces from the next frame it reads), the viewer and the
+    /// coordinator. Returns the granted set left, once the relay has confirmed it: from
+    /// then on the relay refuses whatever the revoked permissions allowed.
+    pub async fn revoke(&self, perms: Permissions) -> Result<Permissions, AgentError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Revoke(perms, tx))
+            .map_err(|_| AgentError::Ended)?;
+        let wire = rx.await.map_err(|_| AgentError::Ended)?;
+        self.confirmed(wire, "revoke").await?;
+        Ok(wire.permissions())
+    }
+
+    /// Sends `data` to the operator as file `name` (the customer chose to send it):
+    /// returns once the viewer has checked its SHA-256. Needs the file-transfer grant;
+    /// a revoke stops it between two chunks.
+    pub async fn send_file(&self, name: &str, data: &[u8]) -> Result<(), crate::files::FileError> {
+        let peer = {
+            let state = self.shared.state();
+            state.current.and_then(|id| state.viewers.get(&id)).cloned()
+        }
+        .ok_or(crate::files::FileError::Ended)?;
+        self.shared.touch();
+        let shared = self.shared.clone();
+        crate::files::send_file(
+            &self.conduit,
+            &peer,
+            &self.shared.outgoing,
+            move || {
+                let s = shared.state();
+                !s.ended && s.granted.contains(Permissions::FILE_TRANSFER)
+            },
+            name,
+            data,
+        )
+        .await
+    }
+
+    /// Answers a [`HostEvent::FileOffered`]: accept or refuse the file.
+    pub fn answer_file(&self, transfer_id: u64, accept: bool) -> Result<(), AgentError> {
+        self.commands
+            .send(Command::File(transfer_id, accept))
+            .map_err(|_| AgentError::Ended)
+    }
+
+    /// Pauses sharing (passwords, private data): from now no screen frame leaves this
+    /// host, and once this returns the relay drops any that would. The viewer is told
+    /// ("paused"), and the coordinator records PAUSED.
+    pub async fn pause_sharing(&self) -> Result<(), AgentError> {
+        self.set_paused(true).await
+    }
+
+    /// Resumes sharing after [`Host::pause_sharing`]; the next frame is a key frame.
+    pub async fn resume_sharing(&self) -> Result<(), AgentError> {
+        self.set_paused(false).await
+    }
+
+    async fn set_paused(&self, paused: bool) -> Result<(), AgentError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Pause(paused, tx))
+            .map_err(|_| AgentError::Ended)?;
+        let wire = rx.await.map_err(|_| AgentError::Ended)?;
+        self.confirmed(wire, if paused { "pause" } else { "resume" })
+            .await
+    }
+
+    /// Waits until the relay confirms it holds `wire` as the grant.
+    async fn confirmed(&self, wire: Permissions, what: &'static str) -> Result<(), AgentError> {
+        let mut rx = self.shared.relay_grant.subscribe();
+        match tokio::time::timeout(CONFIRM_TIMEOUT, rx.wait_for(|g| *g == wire)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(AgentError::Ended),
+            Err(_) => Err(AgentError::NotConfirmed {
+                what,
+                waited: CONFIRM_TIMEOUT,
+            }),
+        }
     }
 
     /// Frames from the viewer dropped because they were not allowed, did not decrypt,
@@ -364,7 +606,7 @@ impl Host {
                             Channel::Screen,
                             Role::Host,
                             self.shared.mode,
-                            state.granted,
+                            state.wire_grant(),
                         )
                         .is_ok() =>
                 {
@@ -408,6 +650,50 @@ impl Host {
         }
     }
 
+    /// Sends a screen frame whatever is granted or paused.
+    #[doc(hidden)]
+    // Exists for tests that play a modified host, to prove the relay refuses it.
+    pub async fn send_screen_unchecked(&self, frame: pb::ScreenFrame) -> Result<(), AgentError> {
+        let flags = if frame.key_frame { FLAG_KEY_FRAME } else { 0 };
+        self.send_ungated(Channel::Screen, flags, &frame.encode_to_vec())
+            .await
+    }
+
+    /// Sends this machine's whole system information whatever is granted.
+    #[doc(hidden)]
+    // Exists for tests that play a modified host, to prove the relay refuses it.
+    pub async fn send_system_info_unchecked(&self) -> Result<(), AgentError> {
+        let info = crate::sysinfo::collect();
+        self.send_ungated(Channel::SystemInfo, 0, &info.encode_to_vec())
+            .await
+    }
+
+    async fn send_ungated(
+        &self,
+        channel: Channel,
+        flags: u8,
+        payload: &[u8],
+    ) -> Result<(), AgentError> {
+        let peer = {
+            let state = self.shared.state();
+            state
+                .current
+                .and_then(|id| state.viewers.get(&id))
+                .cloned()
+                .ok_or(AgentError::NoPeer)?
+        };
+        self.conduit
+            .send_with(
+                &peer.keys,
+                peer.participant_id,
+                channel,
+                flags,
+                payload,
+                Via::Ungated,
+            )
+            .await
+    }
+
     /// Moves the session to another relay as if this host had lost its relay (its own
     /// network path broke while the relay and the viewer's path are fine): the viewer
     /// notices its peer left and follows.
@@ -441,6 +727,7 @@ impl Host {
             text: text.to_owned(),
             sent_at_unix_ms: now_ms(),
         };
+        self.shared.touch();
         self.conduit
             .send(
                 &peer.keys,
@@ -540,6 +827,7 @@ struct Driver {
     conduit: Arc<Conduit>,
     events: mpsc::Sender<HostEvent>,
     answers_tx: mpsc::UnboundedSender<Permissions>,
+    commands_tx: mpsc::UnboundedSender<Command>,
     consent: Consent,
     /// Questions waiting for the customer, oldest first.
     queue: VecDeque<ConsentRequest>,
@@ -547,7 +835,8 @@ struct Driver {
     /// never applied to the wrong question.
     asking: Option<ConsentRequest>,
     resumer: Resumer,
-    reporter: Option<AgentServiceClient<tonic::transport::Channel>>,
+    /// Reports for the coordinator, sent one at a time, in order, by `reports`.
+    reporter: Option<mpsc::Sender<Report>>,
     /// The relay this host is attached to now.
     relay_id: String,
     /// What was delivered from each viewer, for duplicates and acks.
@@ -558,8 +847,15 @@ struct Driver {
     replays: JoinSet<()>,
     // Terminal prompts: a prompt left open when the session ends is abandoned.
     prompts: JoinSet<()>,
-    // ReportConsent calls: each bounded, finished before the driver stops.
+    // The reporter task: each call bounded, the queue drained before the driver stops.
     reports: JoinSet<()>,
+    options: HostOptions,
+    /// Time warnings already given.
+    warned: Vec<Duration>,
+    /// Set when this host hung up for idleness, so its end says so.
+    idle_hangup: Option<String>,
+    /// Files the operator is sending.
+    incoming: crate::files::Receiver,
 }
 
 /// When to ask next whether the peer moved the session, and until when to keep asking.
@@ -605,6 +901,7 @@ impl Driver {
         mut self,
         mut rx: LinkReceiver,
         mut answers: mpsc::UnboundedReceiver<Permissions>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
         welcome: pb::Welcome,
         cancel: CancellationToken,
     ) {
@@ -629,6 +926,7 @@ impl Driver {
                 },
                 Some(frame) = rx.frames.recv() => { self.on_frame(frame).await; Flow::Continue }
                 Some(answer) = answers.recv() => { self.on_answer(answer).await; Flow::Continue }
+                Some(command) = commands.recv() => { self.on_command(command).await; Flow::Continue }
                 _ = ticks.tick() => { self.tick().await; Flow::Continue }
                 _ = tokio::time::sleep_until(follow_at.unwrap_or_else(tokio::time::Instant::now)), if follow_at.is_some() => Flow::Follow,
                 () = self.shared.force_move.notified() => Flow::Move {
@@ -654,8 +952,9 @@ impl Driver {
             }
         }
         self.conduit.end();
-        // Let consent reports already under way finish (each is bounded by
-        // REPORT_TIMEOUT); open prompts are aborted when `prompts` drops.
+        // Let the reports already queued go out (each is bounded by REPORT_TIMEOUT);
+        // open prompts are aborted when `prompts` drops.
+        self.reporter = None;
         while self.reports.join_next().await.is_some() {}
     }
 
@@ -671,7 +970,8 @@ impl Driver {
     /// What the relay's Welcome says, on the first attach and after every move.
     async fn on_welcome(&mut self, welcome: pb::Welcome) {
         let relay_granted = Permissions::from_bits(welcome.granted).unwrap_or(Permissions::NONE);
-        let mine = self.shared.state().granted;
+        self.shared.relay_grant.send_replace(relay_granted);
+        let mine = self.shared.state().wire_grant();
         if relay_granted != mine {
             // A new relay starts with nothing granted, and grants this process did not
             // hear the customer give do not count: the relay gets this host's set.
@@ -721,6 +1021,7 @@ impl Driver {
                 debug!(granted = g.granted, "relay confirms grants");
                 let granted = Permissions::from_bits(g.granted).unwrap_or(Permissions::NONE);
                 self.shared.regranting.store(false, Ordering::Release);
+                self.shared.relay_grant.send_replace(granted);
                 if self.conduit.set_relay_granted(granted) {
                     self.spawn_replay();
                 }
@@ -831,6 +1132,7 @@ impl Driver {
         if self.tracker.is_dirty() {
             self.send_acks().await;
         }
+        self.check_time().await;
         if self.replays.is_empty() && self.conduit.has_unacked() {
             self.replays
                 .spawn(self.conduit.clone().retransmit_stalled(RETRANSMIT_AFTER));
@@ -906,6 +1208,8 @@ impl Driver {
             sas: sas.clone(),
         })
         .await;
+        // Joining is the operator's request to see the screen.
+        self.report_activity(pb::EventKind::PermissionRequested, Permissions::VIEW);
         self.request(ConsentRequest {
             viewer: id,
             permissions: Permissions::VIEW,
@@ -941,21 +1245,34 @@ impl Driver {
     }
 
     /// Queues a question for the customer, unless there is nothing to ask.
-    async fn request(&mut self, mut req: ConsentRequest) {
+    async fn request(&mut self, req: ConsentRequest) {
         let claims = &self.shared.joined.claims;
         let asked = req.permissions;
         let askable = consent::askable(asked, claims.permissions, claims.mode);
         let granted = self.shared.state().granted;
         let refused_unasked = asked.without(askable);
         if !refused_unasked.is_empty() {
+            // A view-only session never upgrades to control (nor gains anything else
+            // it was not created with): refused without asking the customer.
             info!(refused = %refused_unasked, "request exceeds what this session allows");
             self.report(granted, refused_unasked);
+            self.tell_viewer(pb::control_message::Kind::ConsentAnswer(
+                pb::ConsentAnswer {
+                    granted: granted.bits(),
+                    denied: refused_unasked.bits(),
+                    revoked: 0,
+                },
+            ))
+            .await;
         }
-        req.permissions = askable.without(granted);
-        if req.permissions.is_empty() {
-            return;
+        // One question per capability: the customer may allow the screen and refuse
+        // control, or allow system information and refuse file transfer.
+        for single in askable.without(granted).singles() {
+            self.queue.push_back(ConsentRequest {
+                permissions: single,
+                ..req.clone()
+            });
         }
-        self.queue.push_back(req);
         self.ask_next().await;
     }
 
@@ -1014,11 +1331,24 @@ impl Driver {
             );
             info!(granted = %d.granted, denied = %d.denied, "customer decided");
             if d.granted != current {
-                self.shared.state().granted = d.granted;
-                self.send_grant(d.granted).await;
+                let wire = {
+                    let mut state = self.shared.state();
+                    state.granted = d.granted;
+                    state.wire_grant()
+                };
+                self.send_grant(wire).await;
                 self.emit(HostEvent::GrantsChanged(d.granted)).await;
             }
             self.report(d.granted, d.denied);
+            self.tell_viewer(pb::control_message::Kind::ConsentAnswer(
+                pb::ConsentAnswer {
+                    granted: d.granted.bits(),
+                    denied: d.denied.bits(),
+                    revoked: 0,
+                },
+            ))
+            .await;
+            self.on_granted(d.granted.without(current)).await;
         }
         self.ask_next().await;
     }
@@ -1030,26 +1360,6 @@ impl Driver {
         if let Err(e) = self.conduit.tx().send_signal(sig).await {
             warn!(error = %e, "could not send the grant to the relay");
         }
-    }
-
-    /// Tells the coordinator what the customer decided, for the session's events. Best
-    /// effort: the relay is what enforces.
-    fn report(&mut self, granted: Permissions, denied: Permissions) {
-        let Some(mut client) = self.reporter.clone() else {
-            return;
-        };
-        let req = pb::ReportConsentRequest {
-            token: self.shared.token(),
-            granted: granted.bits(),
-            denied: denied.bits(),
-        };
-        self.reports.spawn(async move {
-            match tokio::time::timeout(REPORT_TIMEOUT, client.report_consent(req)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(status)) => warn!(%status, "ReportConsent failed"),
-                Err(_) => warn!("ReportConsent timed out"),
-            }
-        });
     }
 
     async fn on_frame(&mut self, frame: Frame) {
@@ -1116,6 +1426,12 @@ impl Driver {
             warn!(channel = channel.name(), seq, %denied, "dropped a frame from the viewer");
             return;
         }
+        if matches!(
+            channel,
+            Channel::Input | Channel::Pointer | Channel::Chat | Channel::Control | Channel::File
+        ) {
+            self.shared.touch();
+        }
         let event = match channel {
             Channel::Input => {
                 peer::decode::<pb::InputEvent>(channel, &plaintext).map(HostEvent::Input)
@@ -1132,12 +1448,34 @@ impl Driver {
                     }) => {
                         self.on_permission_request(from, r).await;
                     }
-                    Ok(_) => debug!("empty control message"),
+                    Ok(pb::ControlMessage {
+                        kind: Some(pb::control_message::Kind::KeyDisplay(k)),
+                    }) => {
+                        // Shown like the pointer: only to a customer sharing the screen.
+                        if granted.contains(Permissions::VIEW) {
+                            self.emit(HostEvent::KeyDisplay {
+                                keys: k.keys,
+                                note: k.note,
+                            })
+                            .await;
+                        } else {
+                            self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                            debug!("keyboard display before a view grant; dropped");
+                        }
+                    }
+                    Ok(_) => debug!("control message not for the host"),
                     Err(e) => warn!(error = %e, "bad control message"),
                 }
                 return;
             }
-            Channel::Screen | Channel::File | Channel::Signal | Channel::Ack => {
+            Channel::File => {
+                match peer::decode::<pb::FileMessage>(channel, &plaintext) {
+                    Ok(m) => self.on_file(m).await,
+                    Err(e) => warn!(error = %e, "bad file message"),
+                }
+                return;
+            }
+            Channel::Screen | Channel::Signal | Channel::Ack | Channel::SystemInfo => {
                 debug!(channel = channel.name(), "channel not handled by the host");
                 return;
             }
@@ -1149,13 +1487,15 @@ impl Driver {
     }
 
     async fn on_permission_request(&mut self, from: u64, r: pb::PermissionRequest) {
-        let Some(asked) = Permissions::from_bits(r.permissions) else {
+        let Some(asked) = Permissions::from_bits(r.permissions).map(Permissions::permissions)
+        else {
             warn!(
                 bits = r.permissions,
                 "permission request with unknown bits; refused"
             );
             return;
         };
+        self.report_activity(pb::EventKind::PermissionRequested, asked);
         let sas = self
             .shared
             .state()
@@ -1174,6 +1514,14 @@ impl Driver {
 
     async fn end(&mut self, reason: pb::EndReason, detail: String) {
         self.shared.state().ended = true;
+        self.shared.outgoing.cancel_all("the session ended");
+        // The relay says "ended by the customer" for this host's idle hang-up.
+        let (reason, detail) = match self.idle_hangup.take() {
+            Some(why) if reason == pb::EndReason::EndedByCustomer => {
+                (pb::EndReason::IdleTimeout, why)
+            }
+            _ => (reason, detail),
+        };
         self.report_end(reason, &detail);
         self.emit(HostEvent::Ended { reason, detail }).await;
     }
@@ -1189,20 +1537,9 @@ impl Driver {
         ) {
             return;
         }
-        let Some(mut client) = self.reporter.clone() else {
-            return;
-        };
-        let req = pb::ReportEndRequest {
-            token: self.shared.token(),
-            reason: reason as i32,
+        self.queue_report(Report::End {
+            reason,
             detail: detail.chars().take(256).collect(),
-        };
-        self.reports.spawn(async move {
-            match tokio::time::timeout(REPORT_TIMEOUT, client.report_end(req)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(status)) => warn!(%status, "ReportEnd failed"),
-                Err(_) => warn!("ReportEnd timed out"),
-            }
         });
     }
 

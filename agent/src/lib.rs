@@ -17,16 +17,23 @@
 //!   to a new link with the sequence numbers continued).
 //! - `resume`: `AgentService.ResumeSession` with retries, and following a peer that
 //!   moved the session.
+//! - [`files`]: file transfer (offer, approval, chunks, SHA-256), either direction.
+//! - [`sysinfo`]: the system information a customer may share (Linux first).
 //! - [`tls`]: the pinned-certificate verifier and the quinn client configuration.
 //! - [`control`]: serde views of sessions and events for the `ctl` command.
 //! - [`stats`]: latency percentiles for the viewer's progress line.
+//! - `media` (feature `media`, on by default): screen capture (X11), H.264, input
+//!   injection behind a control gate, PNG output; not yet wired into host/viewer.
 //!
 //! # Invariants
 //! - Nothing from the network or the user is unwrapped: every failure is an error or
 //!   a counted, logged drop.
-//! - The host sends no screen without VIEW and obeys no input without CONTROL in a
-//!   control session, by the same [`kakehashi_proto::policy::may_forward`] rule the
-//!   relay applies.
+//! - The host sends no screen without VIEW (nor while the customer has paused
+//!   sharing), obeys no input without CONTROL in a control session, shares system
+//!   information only with SYSTEM_INFO and files only with FILE_TRANSFER and the
+//!   customer's approval of each, by the same [`kakehashi_proto::policy::may_forward`]
+//!   rule the relay applies.
+//! - The host writes nothing to disk: keys, tokens and received files live in memory.
 //! - Every task is owned (a `JoinSet` in the object that started it); dropping a
 //!   [`Host`], [`Viewer`] or [`RelayLink`] stops its tasks and leaves the session.
 //! - A relay loss costs a pause, never a reliable byte: input, control, chat and file
@@ -39,17 +46,21 @@ pub mod consent;
 pub mod control;
 pub mod crypto;
 pub mod error;
+pub mod files;
 pub mod host;
 pub mod link;
+#[cfg(feature = "media")]
+pub mod media;
 pub mod peer;
 pub mod reliable;
 mod resume;
 pub mod stats;
+pub mod sysinfo;
 pub mod tls;
 pub mod viewer;
 
 pub use consent::Consent;
 pub use error::AgentError;
-pub use host::{Host, HostConfig, HostEvent, SyntheticScreen};
+pub use host::{Host, HostConfig, HostEvent, HostOptions, SyntheticScreen};
 pub use link::{LinkError, RelayLink};
 pub use viewer::{Viewer, ViewerConfig, ViewerEvent};

@@ -6,16 +6,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
+use kakehashi_agent::consent::parse_yes_no;
 use kakehashi_agent::control::{
     self, CreatedView, EventView, SessionView, parse_mode, parse_permissions,
 };
+use kakehashi_agent::host::SyntheticSource;
 use kakehashi_agent::stats::LatencyWindow;
 use kakehashi_agent::{
-    Consent, Host, HostConfig, HostEvent, SyntheticScreen, Viewer, ViewerConfig, ViewerEvent,
+    Consent, Host, HostConfig, HostEvent, HostOptions, SyntheticScreen, Viewer, ViewerConfig,
+    ViewerEvent,
 };
 use kakehashi_proto::pb::session_service_client::SessionServiceClient;
 use kakehashi_proto::{Mode, Permissions, pb};
 use serde::Serialize;
+use tokio::io::AsyncBufReadExt;
 
 const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7700";
 
@@ -64,6 +68,16 @@ struct HostArgs {
     /// A key frame every this many frames.
     #[arg(long, env = "KAKEHASHI_KEY_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     key_interval: u32,
+    /// Warn this many seconds before the session's time limit (comma-separated).
+    #[arg(long, env = "KAKEHASHI_WARN_BEFORE", value_delimiter = ',', default_values_t = [300u64, 60])]
+    warn_before: Vec<u64>,
+    /// End the session when nothing was said, pointed at or typed for this long.
+    #[arg(long, env = "KAKEHASHI_IDLE_TIMEOUT_SECS")]
+    idle_timeout_secs: Option<u64>,
+    /// Save files received from the operator in this directory (default: report them
+    /// and keep nothing: the agent writes nothing to disk).
+    #[arg(long, env = "KAKEHASHI_SAVE_DIR")]
+    save_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +101,10 @@ struct ViewArgs {
     /// Leave after receiving this many screen frames.
     #[arg(long, env = "KAKEHASHI_FRAMES")]
     frames: Option<u64>,
+    /// Save files received from the customer in this directory (default: report them
+    /// and keep nothing).
+    #[arg(long, env = "KAKEHASHI_SAVE_DIR")]
+    save_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -135,6 +153,8 @@ enum CtlCommand {
     },
     /// Print a session's events as they happen, until it ends.
     Watch { id: String },
+    /// Print a session's audit log: every event so far, with time and actor.
+    Audit { id: String },
 }
 
 fn main() -> std::process::ExitCode {
@@ -173,7 +193,19 @@ impl HostArgs {
         match (self.deny_all, self.approve) {
             (true, _) => Consent::Approve(Permissions::NONE),
             (false, Some(p)) => Consent::Approve(p),
-            (false, None) => Consent::Prompt,
+            // Questions are answered on the same terminal as the line commands.
+            (false, None) => Consent::Manual,
+        }
+    }
+
+    fn options(&self) -> HostOptions {
+        HostOptions {
+            time_warnings: self
+                .warn_before
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect(),
+            idle_timeout: self.idle_timeout_secs.map(Duration::from_secs),
         }
     }
 
@@ -188,35 +220,234 @@ impl HostArgs {
     }
 }
 
+const HOST_HELP: &str = "Commands: pause | resume | revoke PERMISSIONS (e.g. revoke control) | \
+chat TEXT | send PATH | status | end [WHY] | help. Answer questions with y or n.";
+
+/// A question waiting for the customer's y or n.
+#[derive(Debug, Clone, Copy)]
+enum Question {
+    Permissions(Permissions),
+    File(u64),
+}
+
+/// Reads a file to send, within the transfer limit.
+fn read_for_sending(path: &str) -> Result<(String, Vec<u8>)> {
+    use std::io::Read;
+    let p = std::path::Path::new(path);
+    let name = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{path:?} has no file name"))?
+        .to_owned();
+    let file = std::fs::File::open(p).with_context(|| format!("opening {path:?}"))?;
+    let max = kakehashi_agent::files::MAX_FILE_BYTES;
+    let mut data = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut data)
+        .with_context(|| format!("reading {path:?}"))?;
+    if data.len() as u64 > max {
+        anyhow::bail!("{path:?} is larger than the {max}-byte limit");
+    }
+    Ok((name, data))
+}
+
+/// Reports a received file, and saves it only where the person asked for it.
+fn received_file(save_dir: Option<&std::path::Path>, from: &str, name: &str, data: &[u8]) {
+    println!(
+        "{from} sent the file {name:?} ({} bytes, SHA-256 checked).",
+        data.len()
+    );
+    if let Some(dir) = save_dir {
+        // The name was checked by the receiver: a plain name, no directory part.
+        let path = dir.join(name);
+        match std::fs::write(&path, data) {
+            Ok(()) => println!("Saved as {}.", path.display()),
+            Err(e) => println!("Could not save {}: {e}", path.display()),
+        }
+    }
+}
+
 async fn host(args: HostArgs) -> Result<()> {
     let config = HostConfig {
         consent: args.consent(),
     };
-    let mut host = Host::join(&args.coordinator, &args.code, config)
+    let mut host = Host::join_with_options(&args.coordinator, &args.code, config, args.options())
         .await
         .context("could not join the session")?;
     println!(
         "Connected to session {}. Waiting for the operator...",
         host.session().session_id
     );
-    let outcome = tokio::select! {
-        r = host.run_synthetic(args.screen(), print_host_event) => Some(r),
-        _ = tokio::signal::ctrl_c() => None,
-    };
-    match outcome {
-        Some(r) => {
-            let (reason, detail) = r.context("the session broke off")?;
-            print_end(reason, &detail);
+    println!("{HOST_HELP}");
+    let mut source = SyntheticSource::new(args.screen());
+    let mut tick = tokio::time::interval(args.screen().period());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lines = Some(tokio::io::BufReader::new(tokio::io::stdin()).lines());
+    // The questions waiting for a y/n, oldest first (Consent::Manual).
+    let mut questions: std::collections::VecDeque<Question> = Default::default();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let frame = source.next_frame(host.wants_key_frame());
+                match host.send_screen(frame).await {
+                    Ok(true) => source.advance(),
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(error = %e, "screen frame not sent"),
+                }
+            }
+            ev = host.next_event() => match ev {
+                Some(HostEvent::Ended { reason, detail }) => {
+                    print_end(reason, &detail);
+                    // The event stream closes once the agent has told the coordinator
+                    // how the session ended (each report is bounded): wait for that.
+                    let drained = async { while host.next_event().await.is_some() {} };
+                    let _ = tokio::time::timeout(Duration::from_secs(6), drained).await;
+                    return Ok(());
+                }
+                Some(HostEvent::ConsentRequested { permissions, note }) => {
+                    let sas = host.sas().unwrap_or_default();
+                    println!("The operator (check the code {sas}) asks for: {permissions}{}. Allow? [y/n]",
+                        if note.is_empty() { String::new() } else { format!(" (\"{note}\")") });
+                    questions.push_back(Question::Permissions(permissions));
+                    if lines.is_none() {
+                        // No terminal to answer on: nothing is granted without a yes.
+                        host.answer(Permissions::NONE)?;
+                        questions.pop_back();
+                    }
+                }
+                Some(HostEvent::FileOffered { transfer_id, name, size }) => {
+                    println!("The operator wants to send you the file {name:?} ({size} bytes). Accept? [y/n]");
+                    questions.push_back(Question::File(transfer_id));
+                    if lines.is_none() {
+                        host.answer_file(transfer_id, false)?;
+                        questions.pop_back();
+                    }
+                }
+                Some(HostEvent::FileReceived { name, data, .. }) => {
+                    received_file(args.save_dir.as_deref(), "The operator", &name, &data);
+                }
+                Some(ev) => print_host_event(&ev),
+                None => return Err(anyhow!("the session's event stream stopped")),
+            },
+            line = next_line(&mut lines) => match line {
+                Some(line) => host_command(&host, &mut questions, &line).await?,
+                None => {
+                    lines = None;
+                    while let Some(q) = questions.pop_front() {
+                        match q {
+                            Question::Permissions(_) => host.answer(Permissions::NONE)?,
+                            Question::File(id) => host.answer_file(id, false)?,
+                        }
+                    }
+                }
+            },
+            _ = &mut ctrl_c => {
+                host.hangup(pb::EndReason::EndedByCustomer, "the customer pressed Ctrl-C")
+                    .await
+                    .context("hanging up")?;
+                println!("You ended the session.");
+                return Ok(());
+            }
         }
-        None => {
-            host.hangup(
-                pb::EndReason::EndedByCustomer,
-                "the customer pressed Ctrl-C",
-            )
+    }
+}
+
+/// The next stdin line; pending forever once stdin is closed (`None` in `lines`).
+async fn next_line(
+    lines: &mut Option<tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>>,
+) -> Option<String> {
+    match lines {
+        Some(l) => l.next_line().await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn host_command(
+    host: &Host,
+    questions: &mut std::collections::VecDeque<Question>,
+    line: &str,
+) -> Result<()> {
+    let line = line.trim();
+    if let Some(question) = questions.front().copied() {
+        match parse_yes_no(line) {
+            Some(yes) => {
+                questions.pop_front();
+                match question {
+                    Question::Permissions(asked) => {
+                        host.answer(if yes { asked } else { Permissions::NONE })?;
+                    }
+                    Question::File(id) => host.answer_file(id, yes)?,
+                }
+                return Ok(());
+            }
+            None if line.is_empty() => {
+                println!("Please answer y or n.");
+                return Ok(());
+            }
+            None => {}
+        }
+    }
+    let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let rest = rest.trim();
+    let result = match cmd {
+        "" => Ok(()),
+        "pause" => host.pause_sharing().await.map(|()| {
+            println!("Sharing paused: the operator sees nothing until you type resume.");
+        }),
+        "resume" => host
+            .resume_sharing()
             .await
-            .context("hanging up")?;
-            println!("You ended the session.");
+            .map(|()| println!("Sharing resumed.")),
+        "revoke" => match parse_permissions(rest) {
+            Ok(p) => host
+                .revoke(p)
+                .await
+                .map(|left| println!("Withdrawn: {p}. Allowed now: {left}")),
+            Err(e) => {
+                println!("{e}");
+                Ok(())
+            }
+        },
+        "chat" | "say" => host.send_chat(rest).await,
+        "send" => {
+            match read_for_sending(rest) {
+                Ok((name, data)) => {
+                    println!("Sending {name:?} ({} bytes)...", data.len());
+                    match host.send_file(&name, &data).await {
+                        Ok(()) => println!("The operator received {name:?}."),
+                        Err(e) => println!("{name:?} was not sent: {e}"),
+                    }
+                }
+                Err(e) => println!("{e:#}"),
+            }
+            Ok(())
         }
+        "status" => {
+            println!(
+                "Allowed: {}  paused: {}  SAS: {}",
+                host.granted(),
+                host.is_paused(),
+                host.sas().unwrap_or_else(|| "(no operator yet)".into())
+            );
+            Ok(())
+        }
+        "end" | "hangup" => {
+            let why = if rest.is_empty() {
+                "the customer ended the session"
+            } else {
+                rest
+            };
+            host.hangup(pb::EndReason::EndedByCustomer, why).await
+        }
+        _ => {
+            println!("{HOST_HELP}");
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        println!("could not {cmd}: {e}");
     }
     Ok(())
 }
@@ -230,7 +461,23 @@ fn print_host_event(ev: &HostEvent) {
         HostEvent::Input(i) => println!("Operator input: {:?}", i.kind),
         HostEvent::Chat(t) => println!("Operator: {t}"),
         HostEvent::Pointer(p) if p.visible => println!("The operator points at ({}, {})", p.x, p.y),
-        HostEvent::Pointer(_) => {}
+        HostEvent::Pointer(_) => println!("The operator stopped pointing."),
+        HostEvent::KeyDisplay { keys, note } => {
+            println!(
+                "The operator shows you the keys: {}{}",
+                keys.join(" + "),
+                if note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({note})")
+                }
+            );
+        }
+        HostEvent::TimeWarning { remaining_secs } => {
+            println!("The session ends in {remaining_secs} s (time limit).");
+        }
+        HostEvent::FileCancelled { reason, .. } => println!("A file transfer stopped: {reason}"),
+        HostEvent::FileOffered { .. } | HostEvent::FileReceived { .. } => {}
         HostEvent::ConsentRequested { permissions, note } => {
             println!("The operator asks for {permissions}: {note}")
         }
@@ -253,6 +500,9 @@ fn print_end(reason: pb::EndReason, detail: &str) {
     }
 }
 
+const VIEW_HELP: &str = "Commands: chat TEXT | point X Y | point off | keys KEY+KEY [NOTE] | \
+request PERMISSIONS [NOTE] (e.g. request control) | type TEXT | send PATH | status | end [WHY] | help.";
+
 async fn view(args: ViewArgs) -> Result<()> {
     let config = ViewerConfig {
         request_on_join: args.request.map(|p| (p, args.note.clone())),
@@ -265,11 +515,13 @@ async fn view(args: ViewArgs) -> Result<()> {
         viewer.session().session_id,
         control::SessionView::from(viewer.session()).mode
     );
+    println!("{VIEW_HELP}");
     let mut chat = args.chat.clone();
     let mut window = LatencyWindow::default();
     let mut total: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lines = Some(tokio::io::BufReader::new(tokio::io::stdin()).lines());
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
@@ -290,19 +542,22 @@ async fn view(args: ViewArgs) -> Result<()> {
                         return Ok(());
                     }
                 }
-                Some(ViewerEvent::Chat(t)) => println!("Customer: {t}"),
-                Some(ViewerEvent::GrantsChanged(g)) => println!("Granted now: {g}"),
-                Some(ViewerEvent::Resumed { relay_id, after_ms }) => {
-                    println!("The session moved to relay {relay_id} after {after_ms} ms; nothing was lost.");
-                }
                 Some(ViewerEvent::Ended { reason, detail }) => {
                     report(total, &mut window);
                     print_end(reason, &detail);
                     return Ok(());
                 }
+                Some(ViewerEvent::FileReceived { name, data, .. }) => {
+                    received_file(args.save_dir.as_deref(), "The customer", &name, &data);
+                }
+                Some(ev) => print_viewer_event(&ev),
                 None => return Err(anyhow!("the session's event stream stopped")),
             },
             _ = tick.tick() => report(total, &mut window),
+            line = next_line(&mut lines) => match line {
+                Some(line) => view_command(&viewer, &line).await,
+                None => lines = None,
+            },
             _ = &mut ctrl_c => {
                 viewer
                     .hangup(pb::EndReason::EndedByOperator, "the operator pressed Ctrl-C")
@@ -312,6 +567,161 @@ async fn view(args: ViewArgs) -> Result<()> {
                 return Ok(());
             }
         }
+    }
+}
+
+fn print_viewer_event(ev: &ViewerEvent) {
+    match ev {
+        ViewerEvent::Chat(t) => println!("Customer: {t}"),
+        ViewerEvent::GrantsChanged(g) => println!("Granted now: {g}"),
+        ViewerEvent::SharingPaused => println!("The customer paused sharing (paused)."),
+        ViewerEvent::SharingResumed => println!("The customer resumed sharing (resumed)."),
+        ViewerEvent::ConsentAnswer {
+            granted,
+            denied,
+            revoked,
+        } => {
+            if !denied.is_empty() {
+                println!("The customer refused: {denied}");
+            }
+            if !revoked.is_empty() {
+                println!("The customer withdrew: {revoked}");
+            }
+            tracing::debug!(%granted, "consent answer");
+        }
+        ViewerEvent::SystemInfo { info, full } => {
+            println!(
+                "System information ({}):",
+                if *full { "full" } else { "view-only subset" }
+            );
+            println!("{}", kakehashi_agent::control::system_info_text(info));
+        }
+        ViewerEvent::TimeWarning { remaining_secs } => {
+            println!("The session ends in {remaining_secs} s (time limit).");
+        }
+        ViewerEvent::Resumed { relay_id, after_ms } => {
+            println!(
+                "The session moved to relay {relay_id} after {after_ms} ms; nothing was lost."
+            );
+        }
+        ViewerEvent::FileCancelled { reason, .. } => println!("A file transfer stopped: {reason}"),
+        ViewerEvent::PeerJoined { .. }
+        | ViewerEvent::Screen { .. }
+        | ViewerEvent::Ended { .. }
+        | ViewerEvent::FileReceived { .. } => {}
+    }
+}
+
+async fn view_command(viewer: &Viewer, line: &str) {
+    let line = line.trim();
+    let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let rest = rest.trim();
+    let result: Result<(), kakehashi_agent::AgentError> = match cmd {
+        "" => Ok(()),
+        "chat" | "say" => viewer.send_chat(rest).await,
+        "point" if rest == "off" => viewer
+            .send_pointer(pb::PointerHint {
+                x: 0,
+                y: 0,
+                visible: false,
+            })
+            .await
+            .map(|_| ()),
+        "point" => {
+            let mut xy = rest.split_whitespace().map(str::parse::<i32>);
+            match (xy.next(), xy.next()) {
+                (Some(Ok(x)), Some(Ok(y))) => viewer
+                    .send_pointer(pb::PointerHint {
+                        x,
+                        y,
+                        visible: true,
+                    })
+                    .await
+                    .map(|sent| {
+                        if !sent {
+                            println!("Not sent: the customer has not allowed view.");
+                        }
+                    }),
+                _ => {
+                    println!("usage: point X Y | point off");
+                    Ok(())
+                }
+            }
+        }
+        "keys" => {
+            let (keys, note) = rest.split_once(' ').unwrap_or((rest, ""));
+            let keys: Vec<&str> = keys.split('+').filter(|k| !k.is_empty()).collect();
+            viewer
+                .send_key_display(&keys, note.trim())
+                .await
+                .map(|sent| {
+                    if !sent {
+                        println!("Not sent: the customer has not allowed view.");
+                    }
+                })
+        }
+        "request" => {
+            let (perms, note) = rest.split_once(' ').unwrap_or((rest, ""));
+            match parse_permissions(perms) {
+                Ok(p) => viewer.request_permissions(p, note.trim()).await,
+                Err(e) => {
+                    println!("{e}");
+                    Ok(())
+                }
+            }
+        }
+        "send" => {
+            match read_for_sending(rest) {
+                Ok((name, data)) => {
+                    println!(
+                        "Offering {name:?} ({} bytes) to the customer...",
+                        data.len()
+                    );
+                    match viewer.send_file(&name, &data).await {
+                        Ok(()) => println!("The customer received {name:?}."),
+                        Err(e) => println!("{name:?} was not sent: {e}"),
+                    }
+                }
+                Err(e) => println!("{e:#}"),
+            }
+            Ok(())
+        }
+        "type" => {
+            let ev = pb::InputEvent {
+                kind: Some(pb::input_event::Kind::Text(pb::TypeText {
+                    text: rest.to_owned(),
+                })),
+            };
+            viewer.send_input(ev).await.map(|sent| {
+                if !sent {
+                    println!("Not sent: control is not granted (or the session is view-only).");
+                }
+            })
+        }
+        "status" => {
+            println!(
+                "Granted: {}  paused: {}  SAS: {}",
+                viewer.granted(),
+                viewer.is_paused(),
+                viewer.sas().unwrap_or_else(|| "(no customer yet)".into())
+            );
+            Ok(())
+        }
+        "end" | "hangup" => {
+            let why = if rest.is_empty() {
+                "the operator ended the session"
+            } else {
+                rest
+            };
+            viewer.hangup(pb::EndReason::EndedByOperator, why).await
+        }
+        _ => {
+            println!("{VIEW_HELP}");
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        println!("could not {cmd}: {e}");
     }
 }
 
@@ -401,6 +811,17 @@ async fn ctl(args: CtlArgs) -> Result<()> {
                 .map_err(|s| rpc_error("EndSession", s))?
                 .into_inner();
             emit(json, &SessionView::from(&s))
+        }
+        CtlCommand::Audit { id } => {
+            let log = client
+                .get_audit_log(pb::GetAuditLogRequest { session_id: id })
+                .await
+                .map_err(|s| rpc_error("GetAuditLog", s))?
+                .into_inner();
+            for ev in &log.events {
+                emit(json, &EventView::from(ev))?;
+            }
+            Ok(())
         }
         CtlCommand::Watch { id } => {
             let mut stream = client
@@ -518,6 +939,7 @@ mod tests {
         assert!(parse(&["ctl", "list", "--all"]).is_ok());
         assert!(parse(&["ctl", "end", "abc", "--detail", "done"]).is_ok());
         assert!(parse(&["ctl", "watch", "abc"]).is_ok());
+        assert!(parse(&["ctl", "audit", "abc"]).is_ok());
         assert!(
             parse(&[
                 "ctl",

@@ -25,6 +25,8 @@ use crate::peer::{self, Joined, Peer};
 use crate::reliable::{RecvTracker, Verdict};
 use crate::resume::{Failure, Moved, Resumer};
 
+mod files;
+
 const EVENT_QUEUE: usize = 1024;
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
@@ -48,7 +50,40 @@ pub enum ViewerEvent {
         latency_us: i64,
     },
     Chat(String),
+    /// The permissions the customer has granted now (never the pause flag).
     GrantsChanged(Permissions),
+    /// The customer paused sharing: no screen until [`ViewerEvent::SharingResumed`].
+    SharingPaused,
+    SharingResumed,
+    /// The customer's answer to a request, or a revoke, end to end from the host.
+    ConsentAnswer {
+        granted: Permissions,
+        denied: Permissions,
+        revoked: Permissions,
+    },
+    /// The customer's system information: the view-only subset (`full == false`: OS,
+    /// OS version, browser, browser version) once VIEW is granted, the whole record
+    /// once SYSTEM_INFO is.
+    SystemInfo {
+        // Boxed: the record is large and the other events are small.
+        info: Box<pb::SystemInfo>,
+        full: bool,
+    },
+    /// The session reaches its time limit in `remaining_secs` (5 and 1 minutes before).
+    TimeWarning {
+        remaining_secs: u64,
+    },
+    /// A file from the customer arrived whole, its SHA-256 checked. Held in memory only.
+    FileReceived {
+        transfer_id: u64,
+        name: String,
+        data: Vec<u8>,
+    },
+    /// An incoming file stopped: cancelled, damaged, or file transfer revoked.
+    FileCancelled {
+        transfer_id: u64,
+        reason: String,
+    },
     /// The session moved to relay `relay_id` after the previous one was lost or
     /// drained, `after_ms` after the loss was noticed. Nothing reliable was lost.
     Resumed {
@@ -65,6 +100,8 @@ struct State {
     /// What the customer granted, as this viewer last heard it. Unchanged by a relay
     /// move: the new relay learns it again from the host.
     granted: Permissions,
+    /// The customer paused sharing (the relay's grant carries the pause flag).
+    paused: bool,
     /// The host, once verified. Kept when it leaves: after a relay move it comes back
     /// with the same key, and what is sent meanwhile waits for it.
     host: Option<Peer>,
@@ -80,6 +117,8 @@ struct Shared {
     undecryptable: AtomicU64,
     unread_screens: AtomicU64,
     counters: Counters,
+    /// This viewer's files on their way to the host.
+    outgoing: crate::files::Outgoing,
 }
 
 impl Shared {
@@ -161,13 +200,17 @@ impl Viewer {
             joined,
             mode,
             state: Mutex::new(State {
-                granted: Permissions::from_bits(welcome.granted).unwrap_or(Permissions::NONE),
+                granted: Permissions::from_bits(welcome.granted)
+                    .unwrap_or(Permissions::NONE)
+                    .permissions(),
+                paused: Permissions::from_bits(welcome.granted).is_some_and(Permissions::is_paused),
                 host: None,
                 ended: false,
             }),
             undecryptable: AtomicU64::new(0),
             unread_screens: AtomicU64::new(0),
             counters: Counters::default(),
+            outgoing: crate::files::Outgoing::default(),
         });
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let cancel = CancellationToken::new();
@@ -183,6 +226,8 @@ impl Viewer {
             follow: None,
             replays: JoinSet::new(),
             screen_needs_key: false,
+            warned: Vec::new(),
+            incoming: crate::files::Receiver::default(),
         };
         let mut tasks = JoinSet::new();
         let span = tracing::info_span!(
@@ -219,6 +264,11 @@ impl Viewer {
 
     pub fn granted(&self) -> Permissions {
         self.shared.state().granted
+    }
+
+    /// Whether the customer has paused sharing.
+    pub fn is_paused(&self) -> bool {
+        self.shared.state().paused
     }
 
     /// Frames from the host that failed to decrypt (counted, never fatal).
@@ -361,7 +411,80 @@ impl Viewer {
         Ok(true)
     }
 
-    /// Ends the session for everyone.
+    /// Sends `data` to the customer as file `name`; the customer approves each file.
+    /// Returns once the host has checked its SHA-256. Needs the file-transfer grant; a
+    /// revoke stops it between two chunks (and the relay refuses the rest).
+    pub async fn send_file(&self, name: &str, data: &[u8]) -> Result<(), crate::files::FileError> {
+        let peer = self
+            .host_peer()
+            .map_err(|_| crate::files::FileError::Ended)?;
+        let shared = self.shared.clone();
+        crate::files::send_file(
+            &self.conduit,
+            &peer,
+            &self.shared.outgoing,
+            move || {
+                let s = shared.state();
+                !s.ended && s.granted.contains(Permissions::FILE_TRANSFER)
+            },
+            name,
+            data,
+        )
+        .await
+    }
+
+    /// Sends file chunks whatever is granted and without an offer or approval.
+    #[doc(hidden)]
+    // Exists for tests that play a modified viewer, to prove the relay refuses it.
+    pub async fn send_file_unchecked(&self, data: &[u8]) -> Result<(), AgentError> {
+        let peer = self.host_peer()?;
+        let id = crate::files::new_transfer_id();
+        for (i, chunk) in data.chunks(crate::files::CHUNK_BYTES).enumerate() {
+            let msg = crate::files::message(pb::file_message::Kind::Chunk(pb::FileChunk {
+                transfer_id: id,
+                offset: (i * crate::files::CHUNK_BYTES) as u64,
+                data: chunk.to_vec(),
+            }));
+            self.conduit
+                .send_with(
+                    &peer.keys,
+                    peer.participant_id,
+                    Channel::File,
+                    0,
+                    &msg.encode_to_vec(),
+                    Via::Ungated,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Shows the customer which keys to press ("keyboard display"); nothing is typed.
+    /// Allowed in view-only sessions; `Ok(false)` without a VIEW grant.
+    pub async fn send_key_display(&self, keys: &[&str], note: &str) -> Result<bool, AgentError> {
+        if !self.granted().contains(Permissions::VIEW) {
+            return Ok(false);
+        }
+        let peer = self.host_peer()?;
+        let msg = pb::ControlMessage {
+            kind: Some(pb::control_message::Kind::KeyDisplay(pb::KeyDisplay {
+                keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+                note: note.to_owned(),
+            })),
+        };
+        self.conduit
+            .send(
+                &peer.keys,
+                peer.participant_id,
+                Channel::Control,
+                0,
+                &msg.encode_to_vec(),
+            )
+            .await?;
+        Ok(true)
+    }
+
+    /// Ends the session for everyone; `detail` reaches the customer.
     pub async fn hangup(&self, reason: pb::EndReason, detail: &str) -> Result<(), AgentError> {
         crate::host::hangup(&self.conduit.tx(), reason, detail).await
     }
@@ -416,7 +539,14 @@ struct Driver {
     replays: JoinSet<()>,
     /// The application missed a screen frame: deltas wait for the next key frame.
     screen_needs_key: bool,
+    /// Time warnings already given.
+    warned: Vec<u64>,
+    /// Files the customer is sending.
+    incoming: crate::files::Receiver,
 }
+
+/// Seconds before the time limit at which the viewer warns.
+const TIME_WARNINGS: [u64; 2] = [300, 60];
 
 enum Flow {
     Continue,
@@ -533,16 +663,39 @@ impl Driver {
                 if self.conduit.set_relay_granted(granted) {
                     self.spawn_replay();
                 }
-                let changed = {
+                let paused = granted.is_paused();
+                let granted = granted.permissions();
+                let (changed, pause_changed) = {
                     let mut state = self.shared.state();
                     let changed = state.granted != granted;
+                    let pause_changed = state.paused != paused;
                     state.granted = granted;
-                    changed
+                    state.paused = paused;
+                    (changed, pause_changed)
                 };
                 // After a move the host re-sends the same grant to the new relay: the
                 // application saw no change and hears of none.
                 if changed {
                     self.emit(ViewerEvent::GrantsChanged(granted)).await;
+                }
+                if !granted.contains(Permissions::FILE_TRANSFER) {
+                    let why = "file transfer was revoked";
+                    self.shared.outgoing.cancel_all(why);
+                    for (id, _) in self.incoming.clear() {
+                        self.emit(ViewerEvent::FileCancelled {
+                            transfer_id: id,
+                            reason: why.into(),
+                        })
+                        .await;
+                    }
+                }
+                if pause_changed {
+                    self.emit(if paused {
+                        ViewerEvent::SharingPaused
+                    } else {
+                        ViewerEvent::SharingResumed
+                    })
+                    .await;
                 }
             }
             Kind::SessionEnded(e) if reason_of(e.reason) == pb::EndReason::RelayShutdown => {
@@ -639,6 +792,19 @@ impl Driver {
     async fn tick(&mut self) {
         if self.tracker.is_dirty() {
             self.send_ack().await;
+        }
+        let deadline = self.shared.joined.claims.session_deadline;
+        let remaining = deadline.saturating_sub(kakehashi_proto::unix_now());
+        let crossed: Vec<u64> = TIME_WARNINGS
+            .into_iter()
+            .filter(|w| !self.warned.contains(w) && remaining <= *w)
+            .collect();
+        if !crossed.is_empty() && remaining > 0 {
+            self.warned.extend(crossed);
+            self.emit(ViewerEvent::TimeWarning {
+                remaining_secs: remaining,
+            })
+            .await;
         }
         if self.replays.is_empty() && self.conduit.has_unacked() {
             self.replays
@@ -792,6 +958,53 @@ impl Driver {
             }),
             Channel::Chat => peer::decode::<pb::ChatMessage>(channel, &plaintext)
                 .map(|m| ViewerEvent::Chat(m.text)),
+            Channel::File => {
+                match peer::decode::<pb::FileMessage>(channel, &plaintext) {
+                    Ok(m) => self.on_file(&host, m).await,
+                    Err(e) => warn!(error = %e, "bad file message"),
+                }
+                return;
+            }
+            Channel::SystemInfo => {
+                peer::decode::<pb::SystemInfo>(channel, &plaintext).map(|info| {
+                    ViewerEvent::SystemInfo {
+                        info: Box::new(info),
+                        full: true,
+                    }
+                })
+            }
+            Channel::Control => {
+                let msg = match peer::decode::<pb::ControlMessage>(channel, &plaintext) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "bad control message");
+                        return;
+                    }
+                };
+                let perms = |b: u32| {
+                    Permissions::from_bits(b & Permissions::ALL.bits()).unwrap_or_default()
+                };
+                match msg.kind {
+                    Some(pb::control_message::Kind::ConsentAnswer(a)) => {
+                        Ok(ViewerEvent::ConsentAnswer {
+                            granted: perms(a.granted),
+                            denied: perms(a.denied),
+                            revoked: perms(a.revoked),
+                        })
+                    }
+                    Some(pb::control_message::Kind::SystemSummary(info)) => {
+                        // Whatever a host sends here, only the view-only fields count.
+                        Ok(ViewerEvent::SystemInfo {
+                            info: Box::new(crate::sysinfo::view_subset(&info)),
+                            full: false,
+                        })
+                    }
+                    _ => {
+                        debug!("control message not for the viewer");
+                        return;
+                    }
+                }
+            }
             other => {
                 debug!(channel = other.name(), "channel not handled by the viewer");
                 return;
@@ -825,6 +1038,7 @@ impl Driver {
 
     async fn end(&mut self, reason: pb::EndReason, detail: String) {
         self.shared.state().ended = true;
+        self.shared.outgoing.cancel_all("the session ended");
         self.emit(ViewerEvent::Ended { reason, detail }).await;
     }
 

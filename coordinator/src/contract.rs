@@ -319,6 +319,15 @@ pub async fn event_bus_orders_replays_and_follows(events: &dyn EventBus) {
     let live = stream.next().await.expect("stream open").expect("event");
     assert_eq!((live.seq, live.kind), (3, pb::EventKind::Ended as i32));
 
+    let log = events.read(a).await.expect("read");
+    let seqs: Vec<u64> = log.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3], "read is the whole log, in order");
+    assert_eq!(log[0].kind, pb::EventKind::Created as i32);
+    assert_eq!(log[2].kind, pb::EventKind::Ended as i32);
+    assert!(
+        events.read(fresh_id()).await.expect("read").is_empty(),
+        "an unknown session has an empty log"
+    );
     let mut late = events.subscribe(a).await.expect("subscribe");
     for want in 1..=3 {
         let got = late.next().await.expect("stream open").expect("event");

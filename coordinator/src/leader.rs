@@ -128,6 +128,7 @@ pub(crate) async fn run(
         match result {
             Ok(()) => return,
             Err(e) => {
+                crate::telemetry::backend_error("etcd");
                 warn!(replica = %config.replica_id, error = %e, retry_in = ?backoff, "left the leader election; campaigning again");
             }
         }

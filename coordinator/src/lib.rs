@@ -18,6 +18,7 @@
 //!   (per-source backoff, cluster-wide failure budget) behind the `GuessLimiter` trait.
 //! - [`error`]: [`ApiError`], classified once into gRPC status, message and metric label.
 //! - [`telemetry`]: metric names, described at start, and the owned `/metrics` endpoint.
+//! - [`health`]: `grpc.health.v1` fed by a backend probe, and server reflection.
 //! - [`leader`]: etcd leader election (fenced by revision) and the leader's chores
 //!   (relays that left placement, sessions stranded on them).
 //! - [`cli`]: the binary's flags and `run`, shared with `kakehashi-loadtest coordinator`;
@@ -34,6 +35,7 @@ pub mod config;
 #[cfg(any(test, feature = "test-support"))]
 pub mod contract;
 pub mod error;
+pub mod health;
 pub mod leader;
 pub mod limiter;
 mod random;
@@ -102,8 +104,23 @@ impl Coordinator {
         })?;
         let public_key = config.signing_key.verifying_key();
 
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        // Not serving until the first backend probe has answered.
+        health::set_all(&health_reporter, tonic_health::ServingStatus::NotServing).await;
+        let (reflection_v1, reflection_v1alpha) = health::reflection()
+            .map_err(|e| StartError::Config(format!("gRPC reflection descriptors: {e}")))?;
+        tasks.spawn(health::run(
+            health_reporter,
+            backends.clone(),
+            cancel.clone(),
+        ));
+
         let core = service::Core::new(config, backends, cancel.clone());
         let router = tonic::transport::Server::builder()
+            .trace_fn(telemetry::otel::grpc_span)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(pb::session_service_server::SessionServiceServer::new(
                 service::session::SessionApi::new(core.clone()),
             ))

@@ -90,28 +90,45 @@ impl Core {
         Err(ApiError::Contention(id))
     }
 
-    /// Appends an event to the session's log.
+    /// Appends an event to the session's log, with the actor its kind implies
+    /// ([`default_actor`]) and nothing more to say.
     pub async fn publish(
         &self,
         record: &SessionRecord,
         kind: pb::EventKind,
     ) -> Result<pb::SessionEvent, ApiError> {
+        self.publish_event(record, EventNote::new(kind, default_actor(kind, record)))
+            .await
+    }
+
+    /// Appends an event to the session's log: the record gives the granted set and
+    /// the end reason, `note` what happened and who did it.
+    pub async fn publish_event(
+        &self,
+        record: &SessionRecord,
+        note: EventNote,
+    ) -> Result<pb::SessionEvent, ApiError> {
+        let kind = note.kind;
+        let ended = kind == pb::EventKind::Ended;
         let event = pb::SessionEvent {
             session_id: record.id.to_string(),
             seq: 0,
             at_unix_ms: now_ms(),
             kind: kind as i32,
             granted: record.granted.bits(),
-            end_reason: if kind == pb::EventKind::Ended {
+            end_reason: if ended {
                 record.end_reason as i32
             } else {
                 pb::EndReason::Unspecified as i32
             },
-            detail: if kind == pb::EventKind::Ended {
+            detail: if ended {
                 record.end_detail.clone()
             } else {
-                String::new()
+                note.detail
             },
+            actor: note.actor as i32,
+            permissions: note.permissions.bits(),
+            remaining_secs: note.remaining_secs,
         };
         Ok(self.backends.events.publish(event).await?)
     }
@@ -124,6 +141,17 @@ impl Core {
         id: SessionId,
         reason: pb::EndReason,
         detail: &str,
+    ) -> Result<SessionRecord, ApiError> {
+        self.end_by(id, reason, detail, end_actor(reason)).await
+    }
+
+    /// [`Core::end`], naming who ended it.
+    pub async fn end_by(
+        &self,
+        id: SessionId,
+        reason: pb::EndReason,
+        detail: &str,
+        actor: pb::EventActor,
     ) -> Result<SessionRecord, ApiError> {
         let record = self
             .modify(id, |r| {
@@ -142,7 +170,8 @@ impl Core {
         tracing::info!(session = %id, reason = end_reason_label(reason), "session ended");
         // The record says ended whatever happens next; the follow-ups are best effort and
         // their failures are logged here, where they are handled.
-        if let Err(e) = self.publish(&record, pb::EventKind::Ended).await {
+        let note = EventNote::new(pb::EventKind::Ended, actor);
+        if let Err(e) = self.publish_event(&record, note).await {
             tracing::warn!(session = %id, error = %e, "could not publish the ENDED event");
         }
         if let Err(e) = self.backends.codes.revoke(&record.code).await {
@@ -273,6 +302,63 @@ impl Core {
     }
 }
 
+/// What an event says beyond the record's state.
+#[derive(Debug, Clone)]
+pub struct EventNote {
+    pub kind: pb::EventKind,
+    pub actor: pb::EventActor,
+    /// Requested, newly granted, denied or revoked permissions.
+    pub permissions: kakehashi_proto::Permissions,
+    pub remaining_secs: u32,
+    pub detail: String,
+}
+
+impl EventNote {
+    pub fn new(kind: pb::EventKind, actor: pb::EventActor) -> Self {
+        Self {
+            kind,
+            actor,
+            permissions: kakehashi_proto::Permissions::NONE,
+            remaining_secs: 0,
+            detail: String::new(),
+        }
+    }
+
+    pub fn permissions(mut self, p: kakehashi_proto::Permissions) -> Self {
+        self.permissions = p;
+        self
+    }
+}
+
+/// Who causes an event of this kind when the caller does not say.
+pub fn default_actor(kind: pb::EventKind, record: &SessionRecord) -> pb::EventActor {
+    use pb::EventActor as A;
+    use pb::EventKind as K;
+    match kind {
+        K::Created => A::Api,
+        K::CodeEntered
+        | K::ConsentGiven
+        | K::ConsentDenied
+        | K::ConsentRevoked
+        | K::Paused
+        | K::Resumed
+        | K::FileTransfer => A::Customer,
+        K::OperatorJoined | K::PermissionRequested => A::Operator,
+        K::RelayMigrated | K::TimeWarning | K::Unspecified => A::System,
+        K::Ended => end_actor(record.end_reason),
+    }
+}
+
+/// Who ended a session for this reason, when nobody says otherwise (the API's
+/// EndSession says [`pb::EventActor::Api`]).
+pub fn end_actor(reason: pb::EndReason) -> pb::EventActor {
+    match reason {
+        pb::EndReason::EndedByOperator => pb::EventActor::Operator,
+        pb::EndReason::EndedByCustomer | pb::EndReason::ConsentDenied => pb::EventActor::Customer,
+        _ => pb::EventActor::System,
+    }
+}
+
 /// The session deadline in whole unix seconds, rounded down so no token outlives it.
 pub fn deadline_secs(record: &SessionRecord) -> u64 {
     u64::try_from(record.deadline_ms / 1000).unwrap_or(0)
@@ -289,6 +375,7 @@ pub fn end_reason_label(reason: pb::EndReason) -> &'static str {
         pb::EndReason::ConsentDenied => "consent_denied",
         pb::EndReason::SessionFailed => "session_failed",
         pb::EndReason::RelayShutdown => "relay_shutdown",
+        pb::EndReason::IdleTimeout => "idle_timeout",
     }
 }
 

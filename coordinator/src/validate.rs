@@ -56,16 +56,20 @@ pub fn mode(value: i32) -> Result<Mode, ApiError> {
         })
 }
 
+/// Permission bits from a request: only `pb::Permission` values, never the pause flag
+/// (a relay-side state, not something a session or a report carries).
 pub fn permission_bits(field: &'static str, bits: u32) -> Result<Permissions, ApiError> {
-    Permissions::from_bits(bits).ok_or_else(|| {
-        ApiError::invalid(
-            field,
-            format!(
-                "has unknown bits {:#x}; use pb::Permission values",
-                bits & !Permissions::ALL.bits()
-            ),
-        )
-    })
+    Permissions::from_bits(bits)
+        .filter(|p| !p.is_paused())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                format!(
+                    "has unknown bits {:#x}; use pb::Permission values",
+                    bits & !Permissions::ALL.bits()
+                ),
+            )
+        })
 }
 
 /// The session's permissions: what was asked for, cut to the mode's ceiling; the mode's

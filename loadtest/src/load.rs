@@ -43,6 +43,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use kakehashi_relay::RelayStats;
+
 use crate::cluster::LocalCluster;
 use crate::proxy::Impairment;
 use crate::report::{Counts, CpuReport, Generator, LoadReport, PathReport, ReliableBytes, SetupMs};
@@ -177,6 +179,19 @@ impl Cluster {
         })
     }
 
+    /// The embedded relays' forward-latency counters (sum in ns, samples); none for an
+    /// external cluster.
+    fn forward_counters(&self) -> Option<(u64, u64)> {
+        let (_, cluster) = self.local.as_ref()?;
+        Some(cluster.relays.iter().fold((0, 0), |(ns, n), r| {
+            let s = r.stats();
+            (
+                ns + RelayStats::get(&s.forward_latency_ns),
+                n + RelayStats::get(&s.forward_latency_samples),
+            )
+        }))
+    }
+
     async fn shutdown(self) {
         if let Some((rt, cluster)) = self.local {
             let _ = rt.spawn(cluster.shutdown()).await;
@@ -208,12 +223,16 @@ pub async fn run(cfg: &LoadConfig) -> Result<LoadReport> {
         "--wan needs the embedded cluster (the proxy sits in front of its relay)"
     );
     let cluster = Cluster::start(cfg).await?;
-    let result = drive(cfg, &cluster.url).await;
+    let probe = || cluster.forward_counters();
+    let result = drive(cfg, &cluster.url, &probe).await;
     cluster.shutdown().await;
     result
 }
 
-async fn drive(cfg: &LoadConfig, url: &str) -> Result<LoadReport> {
+/// Reads the embedded relays' forward-latency sum (ns) and sample count, if embedded.
+type ForwardProbe<'a> = &'a (dyn Fn() -> Option<(u64, u64)> + Sync);
+
+async fn drive(cfg: &LoadConfig, url: &str, probe: ForwardProbe<'_>) -> Result<LoadReport> {
     let api = SessionServiceClient::connect(url.to_owned())
         .await
         .with_context(|| format!("cannot reach the coordinator at {url}"))?;
@@ -303,6 +322,7 @@ async fn drive(cfg: &LoadConfig, url: &str) -> Result<LoadReport> {
     bar.set_message("warming up");
     tokio::time::sleep_until(window_start.into()).await;
     let cpu0 = cpu_now(cfg);
+    let fwd0 = probe();
     let ticker = {
         let ctx = ctx.clone();
         let bar = bar.clone();
@@ -329,6 +349,7 @@ async fn drive(cfg: &LoadConfig, url: &str) -> Result<LoadReport> {
         _ = ticker => {}
     }
     let cpu1 = cpu_now(cfg);
+    let fwd1 = probe();
     ctx.sending_over.cancel();
     bar.set_message("draining");
     // The pacer stops each session's schedule at the window's end; frames sent before
@@ -367,6 +388,12 @@ async fn drive(cfg: &LoadConfig, url: &str) -> Result<LoadReport> {
             .map(|ns| forwarded_bits / 1e9 / (ns as f64 / 1e9)),
         process_cpu_s: cpu1.1.saturating_sub(cpu0.1) as f64 / 1e9,
         scope: cpu_scope(cfg),
+        relay_forward_mean_us: match (fwd0, fwd1) {
+            (Some((ns0, n0)), Some((ns1, n1))) if n1 > n0 => {
+                Some(ns1.saturating_sub(ns0) as f64 / 1e3 / (n1 - n0) as f64)
+            }
+            _ => None,
+        },
     };
     Ok(LoadReport::new(
         cfg,

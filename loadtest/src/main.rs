@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use kakehashi_loadtest::dev::{self, DevOptions};
 use tracing_subscriber::EnvFilter;
 
+mod capture_bench;
 mod codes_bench;
 
 #[derive(Debug, Parser)]
@@ -35,6 +36,9 @@ enum Command {
     /// Benchmark: code allocations + redemptions per second through the coordinator's
     /// Redis code store, beside `redis-benchmark -t set` on the same Redis, as a ratio.
     CodesBench(codes_bench::Options),
+    /// Benchmark: screen capture + H.264 encode time per frame and bitrate on a private
+    /// Xvfb (1920x1080 by default), office-like typing, scrolling and a still screen.
+    CaptureBench(capture_bench::Options),
     /// Relay-kill scenario: live sessions on separate relay processes (real etcd), the
     /// relay carrying them SIGKILLed repeatedly; resume times and reliable bytes lost.
     RelayKill {
@@ -88,6 +92,9 @@ async fn main() -> Result<()> {
         }
         Command::Run(args) => kakehashi_loadtest::load::cli::main(*args).await?,
         Command::CodesBench(opts) => codes_bench::run(opts).await?,
+        Command::CaptureBench(opts) => {
+            tokio::task::spawn_blocking(move || capture_bench::run(opts)).await??
+        }
         Command::RelayKill {
             kills,
             sessions,

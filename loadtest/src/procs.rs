@@ -225,6 +225,8 @@ impl Drop for Proc {
 pub struct RelayProc {
     pub id: String,
     pub proc: Proc,
+    /// Its `/metrics`, `/livez`, `/readyz` listener, with [`ProcClusterBuilder::metrics`].
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl RelayProc {
@@ -237,6 +239,8 @@ impl RelayProc {
 pub struct CoordinatorProc {
     pub replica_id: String,
     pub proc: Proc,
+    /// Its `/metrics` listener, with [`ProcClusterBuilder::metrics`].
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl CoordinatorProc {
@@ -255,6 +259,7 @@ pub struct ProcClusterBuilder {
     namespace: Option<String>,
     coordinator_args: Vec<String>,
     relay_args: Vec<String>,
+    metrics: bool,
 }
 
 impl ProcClusterBuilder {
@@ -267,7 +272,15 @@ impl ProcClusterBuilder {
             namespace: None,
             coordinator_args: Vec::new(),
             relay_args: Vec::new(),
+            metrics: false,
         }
+    }
+
+    /// Gives every process a `--metrics-listen` on a free loopback port (see
+    /// `metrics_addr` on [`CoordinatorProc`] and [`RelayProc`]).
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
+        self
     }
 
     pub fn coordinators(mut self, n: usize) -> Self {
@@ -335,6 +348,7 @@ impl ProcClusterBuilder {
             key_file,
             coordinator_args: self.coordinator_args,
             relay_args: self.relay_args,
+            metrics: self.metrics,
             coordinators: Vec::new(),
             relays: Vec::new(),
             next_coordinator: 0,
@@ -363,6 +377,7 @@ pub struct ProcCluster {
     key_file: PathBuf,
     coordinator_args: Vec<String>,
     relay_args: Vec<String>,
+    metrics: bool,
     pub coordinators: Vec<CoordinatorProc>,
     pub relays: Vec<RelayProc>,
     next_coordinator: usize,
@@ -375,6 +390,20 @@ impl ProcCluster {
     /// The cluster's private directory (logs, key, ready files).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Adds `--metrics-listen` on a port the OS just handed out (and this process let
+    /// go of), when the cluster was built with metrics.
+    fn metrics_flag(&self, args: &mut Vec<OsString>) -> Result<Option<std::net::SocketAddr>> {
+        if !self.metrics {
+            return Ok(None);
+        }
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("no free loopback port for a metrics listener")?;
+        args.push("--metrics-listen".into());
+        args.push(addr.to_string().into());
+        Ok(Some(addr))
     }
 
     fn etcd_flag(&self) -> String {
@@ -409,6 +438,7 @@ impl ProcCluster {
         args.push(self.key_file.clone().into_os_string());
         args.push("--url-file".into());
         args.push(ready.clone().into_os_string());
+        let metrics_addr = self.metrics_flag(&mut args)?;
         args.extend(self.coordinator_args.iter().map(OsString::from));
         let proc = Proc::spawn(
             replica_id.clone(),
@@ -417,7 +447,11 @@ impl ProcCluster {
             self.dir().join(format!("{replica_id}.log")),
             ready,
         )?;
-        self.coordinators.push(CoordinatorProc { replica_id, proc });
+        self.coordinators.push(CoordinatorProc {
+            replica_id,
+            proc,
+            metrics_addr,
+        });
         self.coordinators.last_mut().context("just pushed")
     }
 
@@ -448,6 +482,7 @@ impl ProcCluster {
         }
         args.push("--endpoint-file".into());
         args.push(ready.clone().into_os_string());
+        let metrics_addr = self.metrics_flag(&mut args)?;
         args.extend(self.relay_args.iter().map(OsString::from));
         let proc = Proc::spawn(
             id.clone(),
@@ -456,7 +491,11 @@ impl ProcCluster {
             self.dir().join(format!("{id}.log")),
             ready,
         )?;
-        self.relays.push(RelayProc { id, proc });
+        self.relays.push(RelayProc {
+            id,
+            proc,
+            metrics_addr,
+        });
         self.relays.last_mut().context("just pushed")
     }
 

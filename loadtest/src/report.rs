@@ -63,6 +63,9 @@ pub struct CpuReport {
     pub process_cpu_s: f64,
     /// Which threads `relay_cpu_s` covers.
     pub scope: String,
+    /// Mean time a frame spent inside the embedded relay, from fully read off the
+    /// sender's stream to handed to the receiver's stream (`relay_forward_latency_seconds`).
+    pub relay_forward_mean_us: Option<f64>,
 }
 
 /// How well the load generator itself kept up.
@@ -317,6 +320,11 @@ impl LoadReport {
                 self.cpu.scope
             )),
             _ => s.push_str(&format!("relay CPU: {}\n", self.cpu.scope)),
+        }
+        if let Some(us) = self.cpu.relay_forward_mean_us {
+            s.push_str(&format!(
+                "inside the relay (read off the sender's stream → handed to the receiver's): mean {us:.1} µs\n"
+            ));
         }
         s.push_str(&format!(
             "whole process CPU {:.2} s in the window\n",

@@ -8,12 +8,20 @@
 //!    writes `Signal` frames on it ([`Channel::Signal`], payload a `pb::Signal`). The first
 //!    is `Hello { token, session_id }`. The relay answers `Welcome { participant_id,
 //!    granted, peer_tokens }`, or closes the connection with [`close::REFUSED`] and a
-//!    reason naming what was wrong (the [`crate::TokenError`] text).
+//!    reason naming what was wrong (the [`crate::TokenError`] text). A session holds
+//!    one host and one viewer: a second of either is refused (a reconnect of the same
+//!    participant id replaces its old connection).
 //! 3. **Signals, relay → participant:** `PeerJoined { token }` (check its signature and
 //!    key before trusting it), `PeerLeft`, `GrantsChanged`, `KeyFrameRequest` (host only),
 //!    `SessionEnded { reason }` — after which the relay closes with [`close::ENDED`].
 //!    **Participant → relay:** `Grant { granted }` (host only; the full set, capped by
-//!    the session), `Hangup { reason }`.
+//!    the session), `Hangup { reason }`. A revoke is a `Grant` with less in it and
+//!    takes effect at the relay with the next frame it reads; the host counts it done
+//!    when the relay's `GrantsChanged` echoes the new set (one round trip). **Pause**
+//!    is the same signal: `granted` carries [`crate::Permissions::PAUSED`]
+//!    (`PERMISSION_FLAG_PAUSED`) while the customer has paused sharing, the relay then
+//!    drops every screen frame, and `GrantsChanged` tells the viewer "paused" /
+//!    "resumed".
 //! 4. **Data.** For each channel it sends on, a participant opens one unidirectional
 //!    stream and writes frames of that channel only, in order. The relay opens one
 //!    unidirectional stream per channel towards each participant it forwards to, on the
@@ -28,7 +36,12 @@
 //!    any sequence number they already delivered, so nothing is lost or duplicated.
 //! 7. **Policy.** The relay forwards a data frame only if
 //!    [`crate::policy::may_forward`] allows it; otherwise it drops and counts it. A
-//!    malformed frame closes the sender's connection with [`close::PROTOCOL`].
+//!    malformed frame closes the sender's connection with [`close::PROTOCOL`]. Per
+//!    channel: screen (host, VIEW, not paused), input (viewer, control session and
+//!    CONTROL), pointer (viewer, VIEW: allowed in view-only sessions), control and chat
+//!    (either, always: permission requests, consent answers, keyboard display and the
+//!    view-only system summary travel as end-to-end `ControlMessage`s), file (either,
+//!    FILE_TRANSFER), system info (host, SYSTEM_INFO).
 
 use bytes::Bytes;
 use prost::Message;

@@ -12,7 +12,7 @@
 //! Each QUIC stream carries frames of exactly one channel, in order. Decoding never
 //! panics and never allocates more than the channel's payload bound.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub const VERSION: u8 = 1;
@@ -43,10 +43,13 @@ pub enum Channel {
     /// End-to-end cumulative acks of the peer's reliable channels (`pb::Ack`). Never
     /// acked or replayed itself: a later ack supersedes an earlier one.
     Ack = 7,
+    /// The host's system information (`pb::SystemInfo`); reliable, only with a
+    /// system-info grant.
+    SystemInfo = 8,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 8] = [
+    pub const ALL: [Channel; 9] = [
         Channel::Signal,
         Channel::Screen,
         Channel::Input,
@@ -55,6 +58,7 @@ impl Channel {
         Channel::Pointer,
         Channel::File,
         Channel::Ack,
+        Channel::SystemInfo,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -68,6 +72,7 @@ impl Channel {
             Channel::Screen => 4 * 1024 * 1024,
             Channel::File => 256 * 1024,
             Channel::Input | Channel::Control | Channel::Chat | Channel::Pointer => 64 * 1024,
+            Channel::SystemInfo => 64 * 1024,
             Channel::Ack => 4 * 1024,
         }
     }
@@ -82,7 +87,7 @@ impl Channel {
     pub fn is_replayed(self) -> bool {
         matches!(
             self,
-            Channel::Input | Channel::Control | Channel::Chat | Channel::File
+            Channel::Input | Channel::Control | Channel::Chat | Channel::File | Channel::SystemInfo
         )
     }
 
@@ -91,7 +96,7 @@ impl Channel {
     pub fn priority(self) -> i32 {
         match self {
             Channel::Signal | Channel::Input | Channel::Control | Channel::Ack => 3,
-            Channel::Chat | Channel::Pointer => 2,
+            Channel::Chat | Channel::Pointer | Channel::SystemInfo => 2,
             Channel::Screen => 1,
             Channel::File => 0,
         }
@@ -107,6 +112,7 @@ impl Channel {
             Channel::Pointer => "pointer",
             Channel::File => "file",
             Channel::Ack => "ack",
+            Channel::SystemInfo => "system_info",
         }
     }
 }
@@ -302,15 +308,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
     let header = FrameHeader::decode(&head)?;
     decoder.check_channel(header.channel)?;
-    let mut raw = BytesMut::zeroed(HEADER_LEN + header.len as usize);
-    raw[..HEADER_LEN].copy_from_slice(&head);
-    reader
-        .read_exact(&mut raw[HEADER_LEN..])
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => ReadError::Frame(FrameError::Truncated),
-            _ => ReadError::Io(e),
-        })?;
+    let total = HEADER_LEN + header.len as usize;
+    // Read into spare capacity rather than zero-filling a buffer that is overwritten at
+    // once; `limit` keeps the read inside this frame.
+    let mut raw = BytesMut::with_capacity(total);
+    raw.extend_from_slice(&head);
+    while raw.len() < total {
+        let want = total - raw.len();
+        if reader.read_buf(&mut (&mut raw).limit(want)).await? == 0 {
+            return Err(FrameError::Truncated.into());
+        }
+    }
     Ok(Some(Frame {
         header,
         raw: raw.freeze(),

@@ -15,6 +15,21 @@ impl SessionId {
     pub fn as_bytes(&self) -> &[u8; 16] {
         &self.0
     }
+
+    /// The W3C trace context of everything that happens to this session: the trace id
+    /// is the session id and the parent span id is derived from it (never zero). Every
+    /// coordinator replica and relay derives it on its own, so one session is one trace
+    /// without a `traceparent` travelling through agents, tokens or the session store.
+    pub fn trace_context(&self) -> ([u8; 16], [u8; 8]) {
+        let mut span = [0u8; 8];
+        for (i, b) in span.iter_mut().enumerate() {
+            *b = self.0[i] ^ self.0[i + 8];
+        }
+        if span == [0; 8] {
+            span[7] = 1;
+        }
+        (self.0, span)
+    }
 }
 
 impl fmt::Display for SessionId {

@@ -27,6 +27,11 @@ pub mod token;
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {
     tonic::include_proto!("kakehashi.v1");
+
+    /// The encoded `FileDescriptorSet` of every `.proto` file above (for gRPC server
+    /// reflection, so tools such as `grpcurl` work without the files).
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/kakehashi_descriptor.bin"));
 }
 
 pub use frame::{Channel, Frame, FrameDecoder, FrameError, FrameHeader};

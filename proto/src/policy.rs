@@ -67,7 +67,8 @@ impl Mode {
     }
 }
 
-/// A set of `pb::Permission` bits.
+/// A set of `pb::Permission` bits, plus the [`Permissions::PAUSED`] state flag a host's
+/// grant may carry.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Permissions(u32);
 
@@ -78,11 +79,34 @@ impl Permissions {
     pub const FILE_TRANSFER: Self = Self(pb::Permission::FileTransfer as u32);
     pub const SYSTEM_INFO: Self = Self(pb::Permission::SystemInfo as u32);
     pub const RECORDING: Self = Self(pb::Permission::Recording as u32);
+    /// Every permission (not the [`Permissions::PAUSED`] flag).
     pub const ALL: Self = Self(0b1_1111);
+    /// Not a permission: set in the host's grant while the customer has paused sharing,
+    /// so the relay stops the screen at once (`pb::Permission::FlagPaused`). It rides in
+    /// the grant because pausing must take effect at the relay exactly as fast as a
+    /// revoke, through the same signal. Never part of a session's permissions.
+    pub const PAUSED: Self = Self(pb::Permission::FlagPaused as u32);
 
-    /// `None` if any unknown bit is set.
+    /// `None` if any unknown bit is set. Accepts the [`Permissions::PAUSED`] flag.
     pub fn from_bits(bits: u32) -> Option<Self> {
-        (bits & !Self::ALL.0 == 0).then_some(Self(bits))
+        (bits & !(Self::ALL.0 | Self::PAUSED.0) == 0).then_some(Self(bits))
+    }
+
+    /// The permissions only, without the [`Permissions::PAUSED`] flag.
+    pub fn permissions(self) -> Self {
+        self & Self::ALL
+    }
+
+    pub fn is_paused(self) -> bool {
+        self.contains(Self::PAUSED)
+    }
+
+    /// Each single permission in this set, in bit order (one consent question each).
+    pub fn singles(self) -> impl Iterator<Item = Self> {
+        let bits = self.permissions().0;
+        (0..5)
+            .map(|i| Self(1 << i))
+            .filter(move |p| bits & p.0 != 0)
     }
 
     pub fn bits(self) -> u32 {
@@ -108,6 +132,7 @@ impl Permissions {
             (Self::FILE_TRANSFER, "file_transfer"),
             (Self::SYSTEM_INFO, "system_info"),
             (Self::RECORDING, "recording"),
+            (Self::PAUSED, "paused"),
         ]
         .into_iter()
         .filter(|(p, _)| self.contains(*p))
@@ -169,6 +194,10 @@ pub enum Denied {
     ViewOnlySession,
     #[error("no file transfer before the customer grants it")]
     NoFileGrant,
+    #[error("no system information before the customer grants it")]
+    NoSystemInfoGrant,
+    #[error("no screen while the customer has paused sharing")]
+    Paused,
     #[error("a {role} may not send on the {channel} channel")]
     WrongSender {
         role: &'static str,
@@ -185,6 +214,8 @@ impl Denied {
             Denied::NoControlGrant => "no_control_grant",
             Denied::ViewOnlySession => "view_only_session",
             Denied::NoFileGrant => "no_file_grant",
+            Denied::NoSystemInfoGrant => "no_system_info_grant",
+            Denied::Paused => "paused",
             Denied::WrongSender { .. } => "wrong_sender",
             Denied::SignalNotForwarded => "signal",
         }
@@ -192,6 +223,9 @@ impl Denied {
 }
 
 /// May a frame on `channel` from a `sender` be delivered, given the mode and grants now?
+/// `granted` is the host's grant as the relay holds it, [`Permissions::PAUSED`] included:
+/// while paused no screen frame passes; pointer, keyboard display (control channel),
+/// chat and input are unaffected.
 pub fn may_forward(
     channel: Channel,
     sender: Role,
@@ -208,6 +242,7 @@ pub fn may_forward(
         Channel::Signal => Err(Denied::SignalNotForwarded),
         Channel::Screen if sender != Role::Host => Err(wrong()),
         Channel::Screen if !granted.contains(Permissions::VIEW) => Err(Denied::NoViewGrant),
+        Channel::Screen if granted.is_paused() => Err(Denied::Paused),
         Channel::Screen => Ok(()),
         Channel::Input if !operator => Err(wrong()),
         Channel::Input if mode == Mode::View => Err(Denied::ViewOnlySession),
@@ -221,6 +256,11 @@ pub fn may_forward(
         Channel::File if !talker => Err(wrong()),
         Channel::File if !granted.contains(Permissions::FILE_TRANSFER) => Err(Denied::NoFileGrant),
         Channel::File => Ok(()),
+        Channel::SystemInfo if sender != Role::Host => Err(wrong()),
+        Channel::SystemInfo if !granted.contains(Permissions::SYSTEM_INFO) => {
+            Err(Denied::NoSystemInfoGrant)
+        }
+        Channel::SystemInfo => Ok(()),
     }
 }
 
@@ -259,6 +299,39 @@ mod tests {
             may_forward(Channel::File, Role::Host, Mode::Control, ctl),
             Err(Denied::NoFileGrant)
         );
+    }
+
+    #[test]
+    fn pause_stops_only_the_screen() {
+        let g = Permissions::VIEW | Permissions::CONTROL | Permissions::PAUSED;
+        assert_eq!(
+            may_forward(Channel::Screen, Role::Host, Mode::Control, g),
+            Err(Denied::Paused)
+        );
+        assert!(may_forward(Channel::Input, Role::Viewer, Mode::Control, g).is_ok());
+        assert!(may_forward(Channel::Pointer, Role::Viewer, Mode::Control, g).is_ok());
+        assert_eq!(Permissions::from_bits(g.bits()), Some(g));
+        assert_eq!(g.permissions(), Permissions::VIEW | Permissions::CONTROL);
+        assert!(!cap_grant(g, Permissions::ALL, Mode::Control).is_paused());
+    }
+
+    #[test]
+    fn system_info_needs_its_own_grant_and_comes_from_the_host() {
+        let view = Permissions::VIEW;
+        assert_eq!(
+            may_forward(Channel::SystemInfo, Role::Host, Mode::View, view),
+            Err(Denied::NoSystemInfoGrant)
+        );
+        let g = view | Permissions::SYSTEM_INFO;
+        assert!(may_forward(Channel::SystemInfo, Role::Host, Mode::View, g).is_ok());
+        assert!(may_forward(Channel::SystemInfo, Role::Viewer, Mode::View, g).is_err());
+    }
+
+    #[test]
+    fn singles_split_a_request() {
+        let asked = Permissions::VIEW | Permissions::SYSTEM_INFO | Permissions::PAUSED;
+        let v: Vec<_> = asked.singles().collect();
+        assert_eq!(v, vec![Permissions::VIEW, Permissions::SYSTEM_INFO]);
     }
 
     #[test]

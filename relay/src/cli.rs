@@ -32,12 +32,17 @@ pub struct Args {
         default_value = "127.0.0.1:4434"
     )]
     pub admin_listen: SocketAddr,
-    /// Prometheus metrics endpoint.
+    /// HTTP listener for Prometheus (`/metrics`) and Kubernetes probes (`/livez`,
+    /// `/readyz`: ready once registered and while not draining).
     #[arg(long, env = "KAKEHASHI_RELAY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// Address agents dial (host:port), if not the listen address.
     #[arg(long, env = "KAKEHASHI_RELAY_ADVERTISE")]
     pub advertise: Option<String>,
+    /// RelayAdmin URL published in etcd for coordinators (http://host:port), if not
+    /// http:// + the admin listen address (needed when that is 0.0.0.0).
+    #[arg(long, env = "KAKEHASHI_RELAY_ADMIN_ADVERTISE")]
+    pub admin_advertise: Option<String>,
     /// TLS server name in the relay's certificate.
     #[arg(long, env = "KAKEHASHI_RELAY_SERVER_NAME", default_value = "localhost")]
     pub server_name: String,
@@ -98,12 +103,19 @@ impl Args {
         config.listen = self.listen;
         config.admin_listen = self.admin_listen;
         config.advertise = self.advertise.clone();
+        if let Some(url) = &self.admin_advertise
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("--admin-advertise must be an http:// or https:// URL, got {url:?}");
+        }
+        config.admin_advertise = self.admin_advertise.clone();
         config.server_name = self.server_name.clone();
         config.tls_files = self.tls_cert.clone().zip(self.tls_key.clone());
         config.max_sessions = self.max_sessions;
         config.max_participants_per_session = self.max_participants;
         config.socket_buffer_bytes = self.socket_buffer;
         config.drain_grace = Duration::from_secs(self.drain_grace_secs);
+        config.metrics_listen = self.metrics_listen;
         let endpoints: Vec<String> = self
             .etcd_endpoints
             .iter()
@@ -124,20 +136,24 @@ impl Args {
 /// Runs a relay from parsed flags until SIGTERM (drain) or SIGINT (immediate stop).
 /// The caller installs logging.
 pub async fn run(args: Args) -> Result<()> {
-    let config = args.config()?;
-    if let Some(addr) = args.metrics_listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .context("cannot start the metrics endpoint")?;
+    let mut config = args.config()?;
+    if args.metrics_listen.is_some() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        config.metrics = Some(recorder.handle());
+        metrics::set_global_recorder(recorder)
+            .context("a metrics recorder is already installed in this process")?;
     }
     let relay = Relay::start(config).await?;
     let ep = relay.endpoint();
+    let admin_url = args
+        .admin_advertise
+        .clone()
+        .unwrap_or_else(|| relay.admin_url());
     let relay_arg = format!(
-        "id={},addr={},admin=http://{},cert-sha256={},server-name={}",
+        "id={},addr={},admin={},cert-sha256={},server-name={}",
         ep.relay_id,
         ep.address,
-        relay.admin_addr(),
+        admin_url,
         hex::encode(&ep.cert_sha256),
         ep.server_name
     );
@@ -211,5 +227,30 @@ mod tests {
         let bad =
             Args::try_parse_from(["kakehashi-relay", "--coordinator-key", "zz"]).expect("parses");
         assert!(bad.config().is_err());
+        let advertised = Args::try_parse_from([
+            "kakehashi-relay",
+            "--coordinator-key",
+            &key,
+            "--admin-advertise",
+            "http://10.0.0.7:4434",
+        ])
+        .expect("valid flags");
+        assert_eq!(
+            advertised
+                .config()
+                .expect("config")
+                .admin_advertise
+                .as_deref(),
+            Some("http://10.0.0.7:4434")
+        );
+        let not_a_url = Args::try_parse_from([
+            "kakehashi-relay",
+            "--coordinator-key",
+            &key,
+            "--admin-advertise",
+            "10.0.0.7:4434",
+        ])
+        .expect("parses");
+        assert!(not_a_url.config().is_err());
     }
 }

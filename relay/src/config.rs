@@ -17,6 +17,9 @@ pub struct RelayConfig {
     pub admin_listen: SocketAddr,
     /// Address agents are told to dial; defaults to the bound QUIC address.
     pub advertise: Option<String>,
+    /// `RelayAdmin` URL published in etcd for coordinators (`http://host:port`);
+    /// defaults to `http://` + the bound admin address, which is wrong for 0.0.0.0.
+    pub admin_advertise: Option<String>,
     /// Name in the relay's certificate and the agents' SNI.
     pub server_name: String,
     /// PEM certificate chain and key; a self-signed dev certificate is generated when absent.
@@ -37,6 +40,12 @@ pub struct RelayConfig {
     /// How long a drain (SIGTERM) waits for participants to resume elsewhere before
     /// ending what is left.
     pub drain_grace: Duration,
+    /// TCP address of the HTTP listener: `/livez`, `/readyz`, and `/metrics` when
+    /// `metrics` is set. `None` serves none of them.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The Prometheus recorder whose metrics `/metrics` renders (the binary installs it
+    /// globally; tests usually leave it out).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     #[cfg(feature = "test-hooks")]
     pub hooks: crate::TestHooks,
 }
@@ -49,6 +58,7 @@ impl RelayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
+            admin_advertise: None,
             server_name: "localhost".into(),
             tls_files: None,
             coordinator_key,
@@ -60,6 +70,8 @@ impl RelayConfig {
             socket_buffer_bytes: 8 * 1024 * 1024,
             registration: None,
             drain_grace: Duration::from_secs(10),
+            metrics_listen: None,
+            metrics: None,
             #[cfg(feature = "test-hooks")]
             hooks: crate::TestHooks::default(),
         }

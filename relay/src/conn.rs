@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kakehashi_proto::dataplane::{self, close};
@@ -366,6 +366,7 @@ async fn read_data(mut recv: quinn::RecvStream, ctx: ReaderCtx) -> Result<(), St
             Ok(None) | Err(ReadError::Io(_)) => return Ok(()),
             Err(ReadError::Frame(e)) => return Err(format!("data stream: {e}")),
         };
+        let read_at = Instant::now();
         let channel = frame.header.channel;
         if channel == Channel::Signal {
             return Err("signal frames belong on the signal stream".into());
@@ -375,15 +376,15 @@ async fn read_data(mut recv: quinn::RecvStream, ctx: ReaderCtx) -> Result<(), St
             continue;
         }
         let routes = ctx.routes.borrow().clone();
-        forward(&ctx, &routes, &frame).await;
+        forward(&ctx, &routes, &frame, read_at).await;
     }
 }
 
-async fn forward(ctx: &ReaderCtx, routes: &Routes, frame: &Frame) {
+async fn forward(ctx: &ReaderCtx, routes: &Routes, frame: &Frame, read_at: Instant) {
     if ctx.role == Role::Host {
         let mut need_key = false;
         for viewer in &routes.others {
-            if let Delivery::DroppedNeedKey = viewer.deliver(frame, &ctx.node).await {
+            if let Delivery::DroppedNeedKey = viewer.deliver(frame, read_at, &ctx.node).await {
                 need_key = true;
             }
         }
@@ -394,6 +395,6 @@ async fn forward(ctx: &ReaderCtx, routes: &Routes, frame: &Frame) {
         }
     } else if let Some(host) = &routes.host {
         // Operators' frames go to the customer only: they are sealed for the host's key.
-        host.deliver(frame, &ctx.node).await;
+        host.deliver(frame, read_at, &ctx.node).await;
     }
 }

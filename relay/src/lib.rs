@@ -17,6 +17,9 @@
 //! - `admin`: the `RelayAdmin` gRPC service coordinators call.
 //! - `stats`: counters for tests, mirrored into Prometheus metrics.
 //! - `registry`: membership in etcd under a lease (optional; [`Registration`]).
+//! - [`otel`]: OTLP trace export and the session-trace spans (`relay.attach`,
+//!   `relay.session`).
+//! - `health`: the HTTP listener (`--metrics-listen`): `/metrics`, `/livez`, `/readyz`.
 //! - [`cli`]: the binary's flags and `run`, shared with `kakehashi-loadtest relay`.
 //! - `RelayHandle::drain`: what SIGTERM does — stop taking sessions, send `Drain` to
 //!   every participant, exit once they have gone or the grace period ends.
@@ -32,7 +35,9 @@ mod admin;
 pub mod cli;
 mod config;
 mod conn;
+mod health;
 mod node;
+pub mod otel;
 mod outbox;
 mod registry;
 mod session;
@@ -80,6 +85,11 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot bind metrics/health listener on {addr}: {source}")]
+    BindHttp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("relay id must be 1 to {max} characters", max = kakehashi_proto::token::MAX_RELAY_ID_LEN)]
     RelayId,
     #[error("cannot start the node supervisor: {0}")]
@@ -100,6 +110,7 @@ impl Relay {
             return Err(StartError::RelayId);
         }
         stats::describe();
+        health::describe();
         let identity = tls::Identity::load_or_generate(&config)?;
         let server_config = identity.server_config(&config)?;
         let socket = bind_udp(config.listen, config.socket_buffer_bytes).map_err(|source| {
@@ -136,6 +147,22 @@ impl Relay {
                 addr: config.admin_listen,
                 source,
             })?;
+
+        let http_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::BindHttp { addr, source })?,
+            ),
+            None => None,
+        };
+        let http_addr = match (&http_listener, config.metrics_listen) {
+            (Some(l), Some(addr)) => Some(
+                l.local_addr()
+                    .map_err(|source| StartError::BindHttp { addr, source })?,
+            ),
+            _ => None,
+        };
 
         #[cfg(feature = "test-hooks")]
         let tap = config.hooks.forward_tap.clone();
@@ -193,11 +220,39 @@ impl Relay {
         // draining flag) and stop before the endpoint closes.
         let registration_cancel = CancellationToken::new();
         let mut registration = JoinSet::new();
+        // Without etcd there is nothing to wait for before taking sessions.
+        let (registered_tx, registered_rx) = watch::channel(config.registration.is_none());
+        metrics::gauge!(health::CAPACITY).set(config.max_sessions as f64);
+        let probes = health::Probes {
+            registered: registered_rx,
+            draining: draining_rx.clone(),
+            alive: {
+                let node = node.clone();
+                Arc::new(move || {
+                    matches!(
+                        node.get_status(),
+                        ractor::ActorStatus::Starting | ractor::ActorStatus::Running
+                    )
+                })
+            },
+        };
+        tasks.spawn(health::track(probes.clone(), cancel.clone()));
+        if let Some(listener) = http_listener {
+            tasks.spawn(health::serve(
+                listener,
+                config.metrics.clone(),
+                probes,
+                cancel.clone(),
+            ));
+        }
         if let Some(reg) = config.registration.clone() {
             let me = registry::Identity {
                 relay_id: config.relay_id.clone(),
                 quic_address: endpoint_info.address.clone(),
-                admin_url: format!("http://{admin_addr}"),
+                admin_url: config
+                    .admin_advertise
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{admin_addr}")),
                 server_name: config.server_name.clone(),
                 cert_sha256: identity.cert_sha256.to_vec(),
                 region: reg.region.clone(),
@@ -208,6 +263,7 @@ impl Relay {
                 me,
                 live_rx.clone(),
                 draining_rx,
+                registered_tx,
                 registration_cancel.clone(),
             ));
         }
@@ -216,6 +272,7 @@ impl Relay {
             endpoint_info,
             quic_addr,
             admin_addr,
+            http_addr,
             stats,
             node,
             node_join,
@@ -278,6 +335,7 @@ pub struct RelayHandle {
     endpoint_info: pb::RelayEndpoint,
     quic_addr: SocketAddr,
     admin_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     stats: Arc<RelayStats>,
     node: ActorRef<NodeMsg>,
     node_join: tokio::task::JoinHandle<()>,
@@ -306,6 +364,11 @@ impl RelayHandle {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// Where `/metrics`, `/livez` and `/readyz` are served, if `metrics_listen` was set.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     pub fn admin_url(&self) -> String {
@@ -355,14 +418,21 @@ impl RelayHandle {
         self.drain_grace
     }
 
+    /// Starts a drain and returns at once: the relay takes no new session, tells every
+    /// participant to resume elsewhere within `grace`, and `/readyz` answers 503.
+    /// [`RelayHandle::drain`] does this and then waits.
+    pub fn begin_drain(&self, grace: Duration) {
+        let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
+        let _ = self.node.cast(NodeMsg::Drain { grace_ms });
+    }
+
     /// Drains the relay, then shuts it down: marks it draining (in etcd too, so no new
     /// session is placed here), sends `Drain { grace_ms }` to every participant of every
     /// session so they resume elsewhere, waits until every session is gone or `grace`
     /// has passed, and ends whatever is left with `RELAY_SHUTDOWN`. Returns how many
     /// sessions were still live when the grace period ended.
     pub async fn drain(mut self, grace: Duration) -> usize {
-        let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
-        let _ = self.node.cast(NodeMsg::Drain { grace_ms });
+        self.begin_drain(grace);
         let mut live = self.live.clone();
         let emptied = tokio::time::timeout(grace, live.wait_for(|n| *n == 0)).await;
         let left = match emptied {

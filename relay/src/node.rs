@@ -83,6 +83,8 @@ pub(crate) enum NodeMsg {
 struct Entry {
     actor: ActorRef<SessionMsg>,
     shared: Arc<SessionShared>,
+    /// When the actor started, for the session's `relay.session` span.
+    started: std::time::SystemTime,
 }
 
 pub(crate) struct NodeState {
@@ -200,6 +202,15 @@ impl NodeState {
         claims: &Claims,
     ) -> Result<Opened, OpenRefused> {
         let id = claims.session_id;
+        crate::otel::session_step(
+            "relay.attach",
+            id,
+            std::time::SystemTime::now(),
+            vec![
+                opentelemetry::KeyValue::new("relay.id", self.ctx.config.relay_id.clone()),
+                opentelemetry::KeyValue::new("participant.role", claims.role.name()),
+            ],
+        );
         if let Some(e) = self.sessions.get(&id) {
             return Ok(Opened {
                 actor: e.actor.clone(),
@@ -241,6 +252,7 @@ impl NodeState {
             Entry {
                 actor: actor.clone(),
                 shared: shared.clone(),
+                started: std::time::SystemTime::now(),
             },
         );
         self.ctx.live_sessions.send_replace(self.sessions.len());
@@ -256,6 +268,15 @@ impl NodeState {
         };
         self.ctx.live_sessions.send_replace(self.sessions.len());
         self.ctx.stats.session_stopped(failure.is_some());
+        crate::otel::session_step(
+            "relay.session",
+            id,
+            entry.started,
+            vec![
+                opentelemetry::KeyValue::new("relay.id", self.ctx.config.relay_id.clone()),
+                opentelemetry::KeyValue::new("session.failed", failure.is_some()),
+            ],
+        );
         match failure {
             Some(err) => {
                 // The actor died mid-session: end this session only. Its participants

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use kakehashi_proto::{Channel, Frame, pb};
@@ -21,7 +22,7 @@ const RELIABLE_QUEUE: usize = 256;
 pub(crate) struct Outbox {
     /// Signals to this participant; small and bounded, full means the client stalls.
     pub signal: mpsc::Sender<pb::signal::Kind>,
-    queues: Vec<Option<mpsc::Sender<Bytes>>>,
+    queues: Vec<Option<mpsc::Sender<Queued>>>,
     /// Set when a screen frame was dropped; deltas are skipped until a key frame fits.
     screen_needs_key: AtomicBool,
 }
@@ -33,8 +34,16 @@ pub(crate) enum Delivery {
     Skipped,
 }
 
+/// One frame on its way to a participant: its bytes (shared with every other
+/// recipient, never copied) and when the relay finished reading it off the sender's
+/// stream, for `relay_forward_latency_seconds`.
+pub(crate) struct Queued {
+    raw: Bytes,
+    read_at: Instant,
+}
+
 /// The receiving halves, each to be driven by [`run_writer`].
-pub(crate) type WriterQueues = Vec<(Channel, mpsc::Receiver<Bytes>)>;
+pub(crate) type WriterQueues = Vec<(Channel, mpsc::Receiver<Queued>)>;
 
 impl Outbox {
     pub fn new(signal: mpsc::Sender<pb::signal::Kind>) -> (Arc<Self>, WriterQueues) {
@@ -63,15 +72,19 @@ impl Outbox {
     }
 
     /// Queues a frame for this participant. Reliable channels wait for room; the screen
-    /// channel never waits.
-    pub async fn deliver(&self, frame: &Frame, ctx: &NodeCtx) -> Delivery {
+    /// channel never waits. `read_at` is when the frame was fully read off its sender.
+    pub async fn deliver(&self, frame: &Frame, read_at: Instant, ctx: &NodeCtx) -> Delivery {
         let channel = frame.header.channel;
         let Some(queue) = self.queues.get(channel as usize).and_then(Option::as_ref) else {
             return Delivery::Skipped;
         };
         if channel != Channel::Screen {
             // A closed queue means the participant is leaving; nothing to deliver to.
-            return match queue.send(frame.raw.clone()).await {
+            let queued = Queued {
+                raw: frame.raw.clone(),
+                read_at,
+            };
+            return match queue.send(queued).await {
                 Ok(()) => Delivery::Queued,
                 Err(_) => Delivery::Skipped,
             };
@@ -81,7 +94,11 @@ impl Outbox {
             ctx.stats.screen_dropped();
             return Delivery::Skipped;
         }
-        match queue.try_send(frame.raw.clone()) {
+        let queued = Queued {
+            raw: frame.raw.clone(),
+            read_at,
+        };
+        match queue.try_send(queued) {
             Ok(()) => {
                 if key {
                     self.screen_needs_key.store(false, Ordering::Relaxed);
@@ -103,11 +120,11 @@ impl Outbox {
 pub(crate) async fn run_writer(
     conn: quinn::Connection,
     channel: Channel,
-    mut queue: mpsc::Receiver<Bytes>,
+    mut queue: mpsc::Receiver<Queued>,
     ctx: Arc<NodeCtx>,
 ) {
     let mut stream: Option<quinn::SendStream> = None;
-    while let Some(raw) = queue.recv().await {
+    while let Some(Queued { raw, read_at }) = queue.recv().await {
         let send = match &mut stream {
             Some(s) => s,
             None => match conn.open_uni().await {
@@ -121,6 +138,7 @@ pub(crate) async fn run_writer(
         };
         ctx.tap(&raw);
         let len = raw.len();
+        ctx.stats.forward_latency(read_at.elapsed());
         if send.write_chunk(raw).await.is_err() {
             return;
         }

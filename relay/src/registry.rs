@@ -41,6 +41,9 @@ impl Registration {
     }
 }
 
+/// Described with the other relay metrics in `stats`.
+const REGISTRATION_ERRORS: &str = "relay_registration_errors_total";
+
 /// Budget of each etcd call; a refresh that takes longer counts as a failure.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait between registration attempts while etcd is unreachable.
@@ -83,6 +86,7 @@ pub(crate) async fn run(
     me: Identity,
     mut live: watch::Receiver<usize>,
     mut draining: watch::Receiver<bool>,
+    registered: watch::Sender<bool>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -90,7 +94,16 @@ pub(crate) async fn run(
         let mut lease = None;
         // `session` watches `cancel` itself so that it can revoke the lease on the way
         // out; every etcd call in it is bounded, so it notices within CALL_TIMEOUT.
-        let result = session(&reg, &me, &mut live, &mut draining, &cancel, &mut lease).await;
+        let result = session(
+            &reg,
+            &me,
+            &mut live,
+            &mut draining,
+            &registered,
+            &cancel,
+            &mut lease,
+        )
+        .await;
         match result {
             Ok(client) => {
                 // Cancelled while registered: leave placement now.
@@ -102,7 +115,7 @@ pub(crate) async fn run(
                 return;
             }
             Err(e) => {
-                metrics::counter!("relay_registration_errors_total").increment(1);
+                metrics::counter!(REGISTRATION_ERRORS).increment(1);
                 warn!(error = %e, retry_in = ?backoff, "etcd registration lost; sessions keep flowing, retrying");
             }
         }
@@ -121,6 +134,7 @@ async fn session(
     me: &Identity,
     live: &mut watch::Receiver<usize>,
     draining: &mut watch::Receiver<bool>,
+    registered: &watch::Sender<bool>,
     cancel: &CancellationToken,
     lease_out: &mut Option<i64>,
 ) -> Result<Option<Client>, RegisterError> {
@@ -150,6 +164,9 @@ async fn session(
             Some(ack) if ack.ttl() > 0 => {}
             _ => return Err(RegisterError::LeaseLost(lease)),
         }
+        // Readiness needs one registration; later etcd outages do not undo it (the
+        // relay keeps its sessions, and the lease takes it out of placement anyway).
+        registered.send_if_modified(|r| !std::mem::replace(r, true));
         tokio::select! {
             () = cancel.cancelled() => return Ok(Some(client)),
             _ = tick.tick() => {}

@@ -111,6 +111,8 @@ pub(crate) enum JoinRefused {
     Ended,
     #[error("the session already has a customer (host) attached")]
     HostPresent,
+    #[error("the session already has an operator (viewer) attached; one viewer per session")]
+    ViewerPresent,
     #[error("the session is full ({0} participants)")]
     Full(usize),
 }
@@ -274,6 +276,11 @@ impl SessionState {
         if j.role == Role::Host && self.members.values().any(|m| m.role == Role::Host) {
             return Err(JoinRefused::HostPresent);
         }
+        // One viewer per session: the host seals the screen for one viewer's key, and a
+        // second operator would watch without the customer having approved them.
+        if j.role == Role::Viewer && self.members.values().any(|m| m.role == Role::Viewer) {
+            return Err(JoinRefused::ViewerPresent);
+        }
         if self.members.len() >= self.max_participants {
             return Err(JoinRefused::Full(self.max_participants));
         }
@@ -327,7 +334,10 @@ impl SessionState {
 
     fn grant(&mut self, requested: Permissions) {
         let s = &self.shared;
-        let granted = cap_grant(requested, s.permissions, s.mode);
+        // The pause flag is the customer's to set whatever the session allows; it only
+        // ever stops frames.
+        let paused = requested & Permissions::PAUSED;
+        let granted = cap_grant(requested, s.permissions, s.mode) | paused;
         s.granted.store(granted.bits(), Ordering::Release);
         info!(session = %s.id, %granted, "grants changed");
         self.broadcast(Kind::GrantsChanged(pb::GrantsChanged {

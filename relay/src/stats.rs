@@ -1,10 +1,14 @@
 //! Counters: atomics that tests and the handle read, mirrored into `metrics` for Prometheus.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use kakehashi_proto::Channel;
 use kakehashi_proto::policy::Denied;
-use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
+use metrics::{
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
 
 /// Node-wide counters. Metric handles are resolved once so the hot path only adds.
 pub struct RelayStats {
@@ -15,9 +19,14 @@ pub struct RelayStats {
     pub frames_denied: AtomicU64,
     pub screen_frames_dropped: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Sum and count of `relay_forward_latency_seconds` samples, in ns, so the loadtest
+    /// can report the relay's own queueing beside the end-to-end figures.
+    pub forward_latency_ns: AtomicU64,
+    pub forward_latency_samples: AtomicU64,
     forwarded_frames: Vec<Counter>,
     forwarded_bytes: Vec<Counter>,
     sessions_active: Gauge,
+    forward_latency: Histogram,
 }
 
 pub fn describe() {
@@ -54,6 +63,12 @@ pub fn describe() {
         "relay_protocol_errors_total",
         "Connections closed for breaking the protocol"
     );
+    describe_histogram!(
+        "relay_forward_latency_seconds",
+        Unit::Seconds,
+        "Time from a frame fully read off the sender's stream to its hand-over to the \
+         receiver's stream write (queueing inside the relay; excludes QUIC and the network)"
+    );
     describe_counter!(
         "relay_registration_errors_total",
         "Times the etcd registration was lost and retried (sessions are unaffected)"
@@ -76,9 +91,12 @@ impl Default for RelayStats {
             frames_denied: AtomicU64::new(0),
             screen_frames_dropped: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
+            forward_latency_ns: AtomicU64::new(0),
+            forward_latency_samples: AtomicU64::new(0),
             forwarded_frames: per_channel("relay_frames_forwarded_total"),
             forwarded_bytes: per_channel("relay_bytes_forwarded_total"),
             sessions_active: gauge!("relay_sessions_active"),
+            forward_latency: histogram!("relay_forward_latency_seconds"),
         }
     }
 }
@@ -88,6 +106,13 @@ impl RelayStats {
         self.frames_forwarded.fetch_add(1, Ordering::Relaxed);
         self.forwarded_frames[channel as usize].increment(1);
         self.forwarded_bytes[channel as usize].increment(bytes as u64);
+    }
+
+    pub(crate) fn forward_latency(&self, elapsed: Duration) {
+        self.forward_latency.record(elapsed.as_secs_f64());
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.forward_latency_ns.fetch_add(ns, Ordering::Relaxed);
+        self.forward_latency_samples.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn denied(&self, why: Denied) {

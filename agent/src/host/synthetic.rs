@@ -36,14 +36,15 @@ impl SyntheticScreen {
     }
 }
 
-pub(crate) struct Source {
+/// Synthetic frames for an application that drives the screen itself.
+pub struct Source {
     screen: SyntheticScreen,
     frame_no: u64,
     rng: u64,
 }
 
 impl Source {
-    pub(crate) fn new(screen: SyntheticScreen) -> Self {
+    pub fn new(screen: SyntheticScreen) -> Self {
         Self {
             screen,
             frame_no: 0,
@@ -52,7 +53,7 @@ impl Source {
     }
 
     /// The frame to send now; a key frame on schedule or when `force_key`.
-    pub(crate) fn next_frame(&mut self, force_key: bool) -> pb::ScreenFrame {
+    pub fn next_frame(&mut self, force_key: bool) -> pb::ScreenFrame {
         let interval = u64::from(self.screen.key_interval.max(1));
         let key_frame = force_key || self.frame_no.is_multiple_of(interval);
         let mut data = Vec::with_capacity(self.screen.frame_bytes);
@@ -73,7 +74,7 @@ impl Source {
     }
 
     /// Counts a frame as sent, moving the key-frame schedule on.
-    pub(crate) fn advance(&mut self) {
+    pub fn advance(&mut self) {
         self.frame_no += 1;
     }
 }

@@ -101,6 +101,14 @@ impl pb::agent_service_server::AgentService for TestCoordinator {
         Ok(tonic::Response::new(pb::ReportEndResponse {}))
     }
 
+    async fn report_activity(
+        &self,
+        _req: tonic::Request<pb::ReportActivityRequest>,
+    ) -> Result<tonic::Response<pb::ReportActivityResponse>, tonic::Status> {
+        // The real coordinator's handling is tested end to end in the loadtest crate.
+        Ok(tonic::Response::new(pb::ReportActivityResponse {}))
+    }
+
     async fn resume_session(
         &self,
         _req: tonic::Request<pb::ResumeSessionRequest>,

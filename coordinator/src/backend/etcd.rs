@@ -222,6 +222,7 @@ async fn watch_loop(
             Err(e) => e,
         };
         metrics::counter!(DIRECTORY_ERRORS).increment(1);
+        crate::telemetry::backend_error("etcd");
         warn!(error = %error, retry_in = ?backoff, "relay directory lost its etcd watch; reconnecting");
         if let Ok(mut s) = shared.lock() {
             s.last_error = error.to_string();

@@ -26,6 +26,13 @@ pub trait EventBus: Send + Sync + 'static {
         event: pb::SessionEvent,
     ) -> BoxFuture<'_, Result<pb::SessionEvent, BackendError>>;
 
+    /// The session's log so far, in order (the audit log): at most
+    /// [`MAX_EVENTS_PER_SESSION`] + 1 events (the ENDED past the bound).
+    fn read(
+        &self,
+        session: SessionId,
+    ) -> BoxFuture<'_, Result<Vec<pb::SessionEvent>, BackendError>>;
+
     /// Drops the session's log (it ended long ago). Open subscriptions may end.
     fn forget(&self, session: SessionId) -> BoxFuture<'_, Result<(), BackendError>>;
 
@@ -78,6 +85,23 @@ fn parse_session(id: &str) -> Result<SessionId, BackendError> {
 }
 
 impl EventBus for InMemoryEventBus {
+    fn read(
+        &self,
+        session: SessionId,
+    ) -> BoxFuture<'_, Result<Vec<pb::SessionEvent>, BackendError>> {
+        Box::pin(async move {
+            let log = self
+                .logs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&session)
+                .cloned();
+            Ok(log.map_or_else(Vec::new, |l| {
+                l.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            }))
+        })
+    }
+
     fn forget(&self, session: SessionId) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
             self.logs

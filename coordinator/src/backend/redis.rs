@@ -89,6 +89,7 @@ impl RedisConfig {
 
 /// A failure of Redis, as every store reports it.
 pub(crate) fn unavailable(what: &str, e: impl std::fmt::Display) -> BackendError {
+    crate::telemetry::backend_error(BACKEND);
     BackendError::Unavailable {
         backend: BACKEND,
         detail: format!("{what}: {e}"),

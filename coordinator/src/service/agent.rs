@@ -8,7 +8,7 @@ use kakehashi_proto::{SessionId, pb, policy};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
-use super::{Core, digests_equal};
+use super::{Core, EventNote, digests_equal};
 use crate::backend::codes;
 use crate::backend::sessions::SessionRecord;
 use crate::error::ApiError;
@@ -74,6 +74,7 @@ impl Core {
             self.record_wrong_code(source).await?;
             return Err(ApiError::CodeNotFound);
         };
+        metrics::counter!(telemetry::CODES_REDEEMED).increment(1);
         let participant = Self::new_participant_id()?;
         let record = self
             .modify(id, |r| {
@@ -141,6 +142,7 @@ impl Core {
         let denied = validate::permission_bits("denied", req.denied)?;
         let id = claims.session_id;
         let mut changed = false;
+        let mut added = kakehashi_proto::Permissions::NONE;
         let record = self
             .modify(id, |r| {
                 if r.is_ended() {
@@ -151,6 +153,7 @@ impl Core {
                 }
                 let new = policy::cap_grant(granted, r.permissions, r.mode);
                 changed = new != r.granted;
+                added = new.without(r.granted);
                 r.granted = new;
                 if r.state == pb::SessionState::Joined
                     && new.contains(kakehashi_proto::Permissions::VIEW)
@@ -160,11 +163,16 @@ impl Core {
                 Ok(())
             })
             .await?;
+        let customer = pb::EventActor::Customer;
+        telemetry::count_consent("granted", added);
+        telemetry::count_consent("denied", denied);
         if !record.granted.is_empty() || changed {
-            self.publish(&record, pb::EventKind::ConsentGiven).await?;
+            let note = EventNote::new(pb::EventKind::ConsentGiven, customer).permissions(added);
+            self.publish_event(&record, note).await?;
         }
         if !denied.is_empty() {
-            self.publish(&record, pb::EventKind::ConsentDenied).await?;
+            let note = EventNote::new(pb::EventKind::ConsentDenied, customer).permissions(denied);
+            self.publish_event(&record, note).await?;
         }
         tracing::info!(session = %id, granted = %record.granted, denied = %denied, "consent reported");
         Ok(())
@@ -185,13 +193,14 @@ impl Core {
                 r @ (pb::EndReason::EndedByCustomer
                 | pb::EndReason::EndedByOperator
                 | pb::EndReason::SessionFailed
-                | pb::EndReason::RelayShutdown),
+                | pb::EndReason::RelayShutdown
+                | pb::EndReason::IdleTimeout),
             ) => r,
             _ => {
                 return Err(ApiError::InvalidArgument {
                     field: "reason",
                     reason: "a host may report ended_by_customer, ended_by_operator, \
-                             session_failed or relay_shutdown"
+                             session_failed, relay_shutdown or idle_timeout"
                         .into(),
                 });
             }
@@ -205,6 +214,70 @@ impl Core {
             Ok(_) | Err(ApiError::SessionEnded(_)) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+impl Core {
+    /// Records what the host saw happen that is not a grant or denial: the operator's
+    /// request, the customer's revoke, pause and resume, a time warning. A revoke also
+    /// shrinks the record's granted set.
+    pub async fn report_activity(&self, req: pb::ReportActivityRequest) -> Result<(), ApiError> {
+        let claims = self.verify_token(&req.token)?;
+        claims
+            .expect_role(&[Role::Host])
+            .map_err(|_| ApiError::NotHost)?;
+        validate::bounded_text("detail", &req.detail, validate::MAX_DETAIL_CHARS)?;
+        let perms = validate::permission_bits("permissions", req.permissions)?;
+        let kind = match pb::EventKind::try_from(req.kind) {
+            Ok(
+                k @ (pb::EventKind::PermissionRequested
+                | pb::EventKind::ConsentRevoked
+                | pb::EventKind::Paused
+                | pb::EventKind::Resumed
+                | pb::EventKind::TimeWarning
+                | pb::EventKind::FileTransfer),
+            ) => k,
+            _ => {
+                return Err(ApiError::InvalidArgument {
+                    field: "kind",
+                    reason: "a host may report permission_requested, consent_revoked, \
+                             paused, resumed, time_warning or file_transfer"
+                        .into(),
+                });
+            }
+        };
+        let id = claims.session_id;
+        let host = claims.participant_id;
+        let check = |r: &SessionRecord| {
+            if r.is_ended() {
+                return Err(ApiError::SessionEnded(id));
+            }
+            if r.host_participant != Some(host) {
+                return Err(ApiError::NotHost);
+            }
+            Ok(())
+        };
+        if kind == pb::EventKind::ConsentRevoked {
+            telemetry::count_consent("revoked", perms);
+        }
+        let record = if kind == pb::EventKind::ConsentRevoked {
+            self.modify(id, |r| {
+                check(r)?;
+                r.granted = r.granted.without(perms);
+                Ok(())
+            })
+            .await?
+        } else {
+            let r = self.get(id).await?;
+            check(&r)?;
+            r
+        };
+        let mut note = EventNote::new(kind, super::default_actor(kind, &record)).permissions(perms);
+        note.remaining_secs = req.remaining_secs;
+        note.detail = req.detail;
+        self.publish_event(&record, note).await?;
+        tracing::info!(session = %id, kind = kind.as_str_name(), permissions = %perms, "activity reported");
+        Ok(())
     }
 }
 
@@ -284,7 +357,7 @@ impl Core {
     ) -> Result<SessionRecord, ApiError> {
         // `from` is either `failed` (avoided here) or no longer listed (gone or
         // draining), so the directory never picks it.
-        let fresh = self.backends.relays.pick(Some(failed)).await?;
+        let fresh = telemetry::timed_placement(self.backends.relays.pick(Some(failed))).await?;
         let mut moved = false;
         let record = self
             .modify(id, |r| {
@@ -327,9 +400,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<pb::JoinByCodeRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let source = source_ip(&request);
-        self.core
-            .join_by_code(source, request.into_inner())
-            .await
+        let started = std::time::Instant::now();
+        let result = self.core.join_by_code(source, request.into_inner()).await;
+        let session = result.as_ref().ok().and_then(|r| r.session.as_ref());
+        telemetry::otel::rpc_step("session.join_by_code", started, session);
+        result
             .map(Response::new)
             .map_err(|e| e.status("JoinByCode"))
     }
@@ -338,9 +413,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::JoinAsOperatorRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
-        self.core
-            .join_as_operator(request.into_inner())
-            .await
+        let started = std::time::Instant::now();
+        let result = self.core.join_as_operator(request.into_inner()).await;
+        let session = result.as_ref().ok().and_then(|r| r.session.as_ref());
+        telemetry::otel::rpc_step("session.join_as_operator", started, session);
+        result
             .map(Response::new)
             .map_err(|e| e.status("JoinAsOperator"))
     }
@@ -367,13 +444,27 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .map_err(|e| e.status("ReportEnd"))
     }
 
+    async fn report_activity(
+        &self,
+        request: Request<pb::ReportActivityRequest>,
+    ) -> Result<Response<pb::ReportActivityResponse>, Status> {
+        self.core
+            .report_activity(request.into_inner())
+            .await
+            .map(|()| Response::new(pb::ReportActivityResponse {}))
+            .map_err(|e| e.status("ReportActivity"))
+    }
+
     async fn resume_session(
         &self,
         request: Request<pb::ResumeSessionRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
-        self.core
-            .resume_session(request.into_inner())
-            .await
+        let started = std::time::Instant::now();
+        let result = self.core.resume_session(request.into_inner()).await;
+        telemetry::record_resume(result.is_ok(), started.elapsed());
+        let session = result.as_ref().ok().and_then(|r| r.session.as_ref());
+        telemetry::otel::rpc_step("session.resume", started, session);
+        result
             .map(Response::new)
             .map_err(|e| e.status("ResumeSession"))
     }

@@ -45,14 +45,17 @@ impl Core {
 
         let id = Self::new_session_id()?;
         let ticket = random::bytes::<32>()?;
-        let relay = self.backends.relays.pick(None).await?;
+        let relay = telemetry::timed_placement(self.backends.relays.pick(None)).await?;
         let code = match self
             .backends
             .codes
             .allocate(id, self.config.code_digits, self.config.code_ttl)
             .await
         {
-            Ok(code) => code,
+            Ok(code) => {
+                metrics::counter!(telemetry::CODES_ALLOCATED).increment(1);
+                code
+            }
             Err(e) => {
                 self.release_quietly(&relay.relay_id).await;
                 return Err(e.into());
@@ -139,10 +142,26 @@ impl Core {
         let id = validate::session_id(&req.session_id)?;
         validate::bounded_text("detail", &req.detail, validate::MAX_DETAIL_CHARS)?;
         let record = self
-            .end(id, pb::EndReason::EndedByOperator, &req.detail)
+            .end_by(
+                id,
+                pb::EndReason::EndedByOperator,
+                &req.detail,
+                pb::EventActor::Api,
+            )
             .await?;
         self.end_on_relay(&record).await;
         Ok(record.to_pb())
+    }
+
+    /// Every event of the session so far, from the event backend: the audit log.
+    pub async fn get_audit_log(
+        &self,
+        req: pb::GetAuditLogRequest,
+    ) -> Result<pb::GetAuditLogResponse, ApiError> {
+        let id = validate::session_id(&req.session_id)?;
+        self.get(id).await?;
+        let events = self.backends.events.read(id).await?;
+        Ok(pb::GetAuditLogResponse { events })
     }
 
     pub async fn watch_session(
@@ -177,9 +196,11 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        self.core
-            .create_session(request.into_inner())
-            .await
+        let started = Instant::now();
+        let result = self.core.create_session(request.into_inner()).await;
+        let session = result.as_ref().ok().and_then(|r| r.session.as_ref());
+        crate::telemetry::otel::rpc_step("session.create", started, session);
+        result
             .map(Response::new)
             .map_err(|e| e.status("CreateSession"))
     }
@@ -213,11 +234,23 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::EndSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        self.core
-            .end_session(request.into_inner())
-            .await
+        let started = Instant::now();
+        let result = self.core.end_session(request.into_inner()).await;
+        crate::telemetry::otel::rpc_step("session.end", started, result.as_ref().ok());
+        result
             .map(Response::new)
             .map_err(|e| e.status("EndSession"))
+    }
+
+    async fn get_audit_log(
+        &self,
+        request: Request<pb::GetAuditLogRequest>,
+    ) -> Result<Response<pb::GetAuditLogResponse>, Status> {
+        self.core
+            .get_audit_log(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status("GetAuditLog"))
     }
 
     type WatchSessionStream = WatchStream;

@@ -126,15 +126,19 @@ spec:
         {{- with $r.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
-      # TCP on the admin port: the relay has no readiness endpoint yet, so a draining relay
-      # still reads as ready here (placement skips it through etcd regardless).
+      # /readyz answers 200 once the relay has registered in etcd and until it starts
+      # draining (SIGTERM), so a draining relay leaves its Service at once; /livez fails
+      # only if the relay's node supervisor has stopped. Both live on the metrics port.
       readinessProbe:
-        tcpSocket:
-          port: admin
-        periodSeconds: 5
+        httpGet:
+          path: /readyz
+          port: metrics
+        periodSeconds: 2
+        failureThreshold: 1
       livenessProbe:
-        tcpSocket:
-          port: admin
+        httpGet:
+          path: /livez
+          port: metrics
         periodSeconds: 10
         failureThreshold: 6
       {{- if $r.tls.existingSecret }}

@@ -103,7 +103,7 @@ impl Drop for End {
 fn priority(channel: Channel) -> i32 {
     match channel {
         Channel::Input | Channel::Control | Channel::Signal | Channel::Ack => 3,
-        Channel::Chat | Channel::Pointer => 2,
+        Channel::Chat | Channel::Pointer | Channel::SystemInfo => 2,
         Channel::Screen => 1,
         Channel::File => 0,
     }

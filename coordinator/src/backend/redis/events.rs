@@ -133,6 +133,31 @@ impl Follow {
 }
 
 impl EventBus for RedisEventBus {
+    fn read(
+        &self,
+        session: SessionId,
+    ) -> BoxFuture<'_, Result<Vec<pb::SessionEvent>, BackendError>> {
+        Box::pin(async move {
+            let key = self.stream_key(session);
+            let key = &key;
+            // The log is bounded by the publish script, so one XRANGE reads all of it.
+            let reply: redis::streams::StreamRangeReply = self
+                .shared
+                .run("reading an event log", |mut c| async move {
+                    redis::cmd("XRANGE")
+                        .arg(key)
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(MAX_EVENTS_PER_SESSION + 1)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            reply.ids.iter().map(decode_entry).collect()
+        })
+    }
+
     fn publish(
         &self,
         mut event: pb::SessionEvent,
