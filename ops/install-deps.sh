@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite needs, if any is missing:
-# redis-server and etcd (real backends for tests) and protoc (etcd-client's build).
+# redis-server and etcd (real backends for tests), protoc (etcd-client's build),
+# prometheus (promtool and the real-Prometheus test), Xvfb and nasm (the media layer).
 # Debian/Ubuntu only; needs root or sudo. Safe to run repeatedly.
 set -euo pipefail
 
@@ -11,7 +12,8 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 # promtool (rule checks and tests in ops/check-ops.sh) ships only in the server package.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # Xvfb for the media tests (agent/tests/media_x11.rs); nasm for OpenH264's SIMD kernels.
-command -v Xvfb >/dev/null 2>&1 || need+=(xvfb); command -v nasm >/dev/null 2>&1 || need+=(nasm)
+command -v Xvfb >/dev/null 2>&1 || need+=(xvfb)
+command -v nasm >/dev/null 2>&1 || need+=(nasm)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then sudo=(); elif command -v sudo >/dev/null 2>&1; then sudo=(sudo); else

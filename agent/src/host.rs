@@ -35,8 +35,12 @@ use report::{Report, run_reporter};
 mod controls;
 mod files;
 mod report;
+#[cfg(feature = "media")]
+mod screen;
 mod synthetic;
 
+#[cfg(feature = "media")]
+pub use screen::{ScreenError, ScreenOptions, ScreenShare};
 pub use synthetic::{Source as SyntheticSource, SyntheticScreen};
 
 /// Events for the application are few and small; a full queue slows the relay down.
@@ -109,7 +113,8 @@ pub enum HostEvent {
     },
     /// The full granted set changed.
     GrantsChanged(Permissions),
-    /// Operator input, delivered only in a control session with CONTROL granted.
+    /// Operator input, delivered only in a control session with CONTROL granted (and
+    /// injected as well while a [`Host::share_x11_screen`] share with input is running).
     Input(pb::InputEvent),
     Chat(String),
     /// A pointer hint ("指差し") to draw; allowed in view-only sessions, never input.
@@ -189,6 +194,9 @@ struct Shared {
     last_activity: Mutex<Instant>,
     /// This host's files on their way to the viewer.
     outgoing: crate::files::Outgoing,
+    /// The real screen being shared, if any ([`Host::share_x11_screen`]).
+    #[cfg(feature = "media")]
+    screen: Mutex<Option<screen::ScreenLink>>,
 }
 
 /// What the receiving side dropped, by cause.
@@ -235,6 +243,26 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .elapsed()
+    }
+
+    /// The grant, pause or end changed: a shared screen follows.
+    fn screen_state_changed(&self) {
+        #[cfg(feature = "media")]
+        self.sync_screen();
+    }
+
+    /// Passes operator input the driver accepted to the screen share's injector.
+    #[cfg_attr(not(feature = "media"), allow(unused_variables))]
+    fn inject(&self, ev: &pb::InputEvent) {
+        #[cfg(feature = "media")]
+        if let Some(link) = self
+            .screen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            link.inject(ev);
+        }
     }
 
     fn token(&self) -> Vec<u8> {
@@ -371,6 +399,8 @@ impl Host {
             relay_grant: watch::channel(Permissions::NONE).0,
             last_activity: Mutex::new(Instant::now()),
             outgoing: crate::files::Outgoing::default(),
+            #[cfg(feature = "media")]
+            screen: Mutex::new(None),
         });
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (answers, answers_rx) = mpsc::unbounded_channel();
@@ -583,71 +613,7 @@ impl Host {
     /// later issue. After a withheld or failed frame, [`Host::wants_key_frame`] is set:
     /// whoever sees the next frame has missed the ones before.
     pub async fn send_screen(&self, frame: pb::ScreenFrame) -> Result<bool, AgentError> {
-        let (peer, link) = {
-            let state = self.shared.state();
-            if state.ended {
-                return Err(AgentError::Ended);
-            }
-            let peer = state.current.and_then(|id| state.viewers.get(&id));
-            // Presence first: the driver marks a returning viewer as needing a key
-            // frame before it marks it present, so a present viewer's flag is seen.
-            let reachable = peer.and_then(|p| self.conduit.reaches(p.participant_id));
-            let needs_key =
-                !frame.key_frame && self.shared.viewer_needs_key.load(Ordering::Acquire);
-            // After a move the new relay drops screen frames until it has applied the
-            // grant this host re-sent: a key frame lost that way would leave the viewer
-            // with deltas it cannot decode.
-            let regranting = self.shared.regranting.load(Ordering::Acquire);
-            match (peer, reachable) {
-                (Some(p), Some(link))
-                    if !needs_key
-                        && !regranting
-                        && may_forward(
-                            Channel::Screen,
-                            Role::Host,
-                            self.shared.mode,
-                            state.wire_grant(),
-                        )
-                        .is_ok() =>
-                {
-                    (p.clone(), link)
-                }
-                _ => {
-                    self.shared.key_frame_wanted.store(true, Ordering::Relaxed);
-                    return Ok(false);
-                }
-            }
-        };
-        let flags = if frame.key_frame { FLAG_KEY_FRAME } else { 0 };
-        let payload = frame.encode_to_vec();
-        // Only on the link the viewer was seen on: after a move it needs a key frame.
-        let sent = self
-            .conduit
-            .send_with(
-                &peer.keys,
-                peer.participant_id,
-                Channel::Screen,
-                flags,
-                &payload,
-                Via::Link(link),
-            )
-            .await;
-        match sent {
-            Ok(()) => {
-                if frame.key_frame {
-                    self.shared.viewer_needs_key.store(false, Ordering::Release);
-                }
-                Ok(true)
-            }
-            Err(AgentError::Moved) => {
-                self.shared.key_frame_wanted.store(true, Ordering::Relaxed);
-                Ok(false)
-            }
-            Err(e) => {
-                self.shared.key_frame_wanted.store(true, Ordering::Relaxed);
-                Err(e)
-            }
-        }
+        send_screen_via(&self.shared, &self.conduit, frame).await
     }
 
     /// Sends a screen frame whatever is granted or paused.
@@ -791,6 +757,77 @@ impl Drop for Host {
     fn drop(&mut self) {
         self.cancel.cancel();
         self.conduit.end();
+    }
+}
+
+/// [`Host::send_screen`], for tasks that hold the host's parts rather than the host.
+async fn send_screen_via(
+    shared: &Shared,
+    conduit: &Conduit,
+    frame: pb::ScreenFrame,
+) -> Result<bool, AgentError> {
+    let (peer, link) = {
+        let state = shared.state();
+        if state.ended {
+            return Err(AgentError::Ended);
+        }
+        let peer = state.current.and_then(|id| state.viewers.get(&id));
+        // Presence first: the driver marks a returning viewer as needing a key
+        // frame before it marks it present, so a present viewer's flag is seen.
+        let reachable = peer.and_then(|p| conduit.reaches(p.participant_id));
+        let needs_key = !frame.key_frame && shared.viewer_needs_key.load(Ordering::Acquire);
+        // After a move the new relay drops screen frames until it has applied the
+        // grant this host re-sent: a key frame lost that way would leave the viewer
+        // with deltas it cannot decode.
+        let regranting = shared.regranting.load(Ordering::Acquire);
+        match (peer, reachable) {
+            (Some(p), Some(link))
+                if !needs_key
+                    && !regranting
+                    && may_forward(
+                        Channel::Screen,
+                        Role::Host,
+                        shared.mode,
+                        state.wire_grant(),
+                    )
+                    .is_ok() =>
+            {
+                (p.clone(), link)
+            }
+            _ => {
+                shared.key_frame_wanted.store(true, Ordering::Relaxed);
+                return Ok(false);
+            }
+        }
+    };
+    let flags = if frame.key_frame { FLAG_KEY_FRAME } else { 0 };
+    let payload = frame.encode_to_vec();
+    // Only on the link the viewer was seen on: after a move it needs a key frame.
+    let sent = conduit
+        .send_with(
+            &peer.keys,
+            peer.participant_id,
+            Channel::Screen,
+            flags,
+            &payload,
+            Via::Link(link),
+        )
+        .await;
+    match sent {
+        Ok(()) => {
+            if frame.key_frame {
+                shared.viewer_needs_key.store(false, Ordering::Release);
+            }
+            Ok(true)
+        }
+        Err(AgentError::Moved) => {
+            shared.key_frame_wanted.store(true, Ordering::Relaxed);
+            Ok(false)
+        }
+        Err(e) => {
+            shared.key_frame_wanted.store(true, Ordering::Relaxed);
+            Err(e)
+        }
     }
 }
 
@@ -1336,6 +1373,7 @@ impl Driver {
                     state.granted = d.granted;
                     state.wire_grant()
                 };
+                self.shared.screen_state_changed();
                 self.send_grant(wire).await;
                 self.emit(HostEvent::GrantsChanged(d.granted)).await;
             }
@@ -1433,9 +1471,10 @@ impl Driver {
             self.shared.touch();
         }
         let event = match channel {
-            Channel::Input => {
-                peer::decode::<pb::InputEvent>(channel, &plaintext).map(HostEvent::Input)
-            }
+            Channel::Input => peer::decode::<pb::InputEvent>(channel, &plaintext).map(|ev| {
+                self.shared.inject(&ev);
+                HostEvent::Input(ev)
+            }),
             Channel::Pointer => {
                 peer::decode::<pb::PointerHint>(channel, &plaintext).map(HostEvent::Pointer)
             }
@@ -1514,6 +1553,7 @@ impl Driver {
 
     async fn end(&mut self, reason: pb::EndReason, detail: String) {
         self.shared.state().ended = true;
+        self.shared.screen_state_changed();
         self.shared.outgoing.cancel_all("the session ended");
         // The relay says "ended by the customer" for this host's idle hang-up.
         let (reason, detail) = match self.idle_hangup.take() {

@@ -26,6 +26,11 @@ use crate::reliable::{RecvTracker, Verdict};
 use crate::resume::{Failure, Moved, Resumer};
 
 mod files;
+#[cfg(feature = "media")]
+mod png;
+
+#[cfg(feature = "media")]
+pub use png::{PngOutput, PngOutputError};
 
 const EVENT_QUEUE: usize = 1024;
 const CLOSE_GRACE: Duration = Duration::from_secs(3);

@@ -23,6 +23,7 @@ impl Driver {
                     state.granted = before.without(perms);
                     (before, state.wire_grant())
                 };
+                self.shared.screen_state_changed();
                 let revoked = before & perms;
                 self.send_grant(wire).await;
                 if revoked.contains(Permissions::FILE_TRANSFER) {
@@ -51,6 +52,7 @@ impl Driver {
                     state.paused = paused;
                     (changed, state.wire_grant())
                 };
+                self.shared.screen_state_changed();
                 if !paused {
                     // Whatever the viewer saw last is stale.
                     self.shared.viewer_needs_key.store(true, Ordering::Release);
