@@ -11,6 +11,8 @@
 //! - [`policy`]: modes, permissions and the consent rule deciding which frame may pass.
 //! - [`ids`]: session identifiers.
 //! - [`membership`]: the etcd key layout of relay registrations and the leader election.
+//! - `otel` (feature `otel`): OTLP export and the session trace every server derives from
+//!   the session id.
 //!
 //! # Invariants
 //! - Decoding never panics and never allocates past a bound fixed before reading.
@@ -20,6 +22,8 @@ pub mod dataplane;
 pub mod frame;
 pub mod ids;
 pub mod membership;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod policy;
 pub mod token;
 
