@@ -19,7 +19,8 @@
 //!   bounded channel, controlled through a [`StreamHandle`] (pause, key frame,
 //!   bitrate); what the host wires to its SCREEN channel.
 //! - [`image`]: decoded frames written as PNG for the headless viewer.
-//! - [`xvfb`]: starting a private Xvfb server (tests, benchmarks, demos).
+//! - [`xvfb`]: a private Xvfb server, a scene to draw on it, and a test window that
+//!   records the input it receives (tests, benchmarks, demos).
 //!
 //! # Invariants
 //! - Nothing is injected unless the [`ControlGate`] given to the [`Injector`] is open;
