@@ -14,6 +14,8 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # Xvfb for the media tests (agent/tests/media_x11.rs); nasm for OpenH264's SIMD kernels.
 command -v Xvfb >/dev/null 2>&1 || need+=(xvfb)
 command -v nasm >/dev/null 2>&1 || need+=(nasm)
+# The Python gRPC example client (ops/examples/python), run by loadtest/tests/tenant_auth.rs.
+/usr/bin/python3 -c 'import grpc, google.protobuf' >/dev/null 2>&1 || need+=(python3 python3-grpcio python3-protobuf)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then sudo=(); elif command -v sudo >/dev/null 2>&1; then sudo=(sudo); else

@@ -27,6 +27,9 @@ pub struct ConsentRequest {
     pub note: String,
     /// The SAS of the viewer asking, for the customer to compare with the operator's.
     pub sas: String,
+    /// The question is whether this supervisor may watch too (`permissions` is VIEW;
+    /// answering with VIEW admits it), not a change to the session's grants.
+    pub supervisor: bool,
 }
 
 /// What one answer does to the grant set.
@@ -66,10 +69,17 @@ pub fn scripted_answer(allowed: Permissions, asked: Permissions) -> Permissions 
 
 /// The question as the customer reads it.
 pub fn prompt_text(req: &ConsentRequest) -> String {
-    let mut text = format!(
-        "The operator (check the code {}) asks for: {}",
-        req.sas, req.permissions
-    );
+    let mut text = if req.supervisor {
+        format!(
+            "A supervisor (check the code {}) asks to watch your screen too",
+            req.sas
+        )
+    } else {
+        format!(
+            "The operator (check the code {}) asks for: {}",
+            req.sas, req.permissions
+        )
+    };
     if !req.note.is_empty() {
         text.push_str(&format!(" (\"{}\")", req.note));
     }
@@ -187,6 +197,7 @@ mod tests {
             permissions: VIEW | CONTROL,
             note: "to fix the printer".into(),
             sas: "123 456".into(),
+            supervisor: false,
         });
         assert!(text.contains("123 456"));
         assert!(text.contains("view,control"));

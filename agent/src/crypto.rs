@@ -16,6 +16,11 @@
 //! A frame's nonce is `[channel, 0, 0, 0, seq as u64 BE]` and its associated data is the
 //! whole 24-byte header (whose `len` is the ciphertext length), so the relay can neither
 //! re-label a payload nor move it to another channel or position.
+//!
+//! Screen pictures are sealed once for every watcher under a [`GroupKey`]: 32 random
+//! bytes the host makes and hands to the operator and to each supervisor the customer
+//! admitted, sealed with that viewer's pairwise keys, before every key frame. A new
+//! group key (epoch) replaces it whenever an admitted supervisor leaves.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key};
@@ -210,6 +215,74 @@ impl SessionKeys {
     }
 }
 
+/// The key the host seals every screen frame with, once, for all the viewers it let
+/// watch: the relay fans one ciphertext out. Random, made by the host, handed to each
+/// admitted viewer sealed with that viewer's pairwise keys (a `pb::ScreenFrame` with
+/// `group_key` set); a new epoch whenever a watcher leaves, so one who left cannot read
+/// what follows. Nonces stay unique: the host's screen sequence numbers never repeat.
+#[derive(Clone)]
+pub struct GroupKey {
+    epoch: u32,
+    key: [u8; 32],
+    keys: SessionKeys,
+}
+
+impl std::fmt::Debug for GroupKey {
+    // Never print the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GroupKey(epoch={})", self.epoch)
+    }
+}
+
+impl GroupKey {
+    /// A fresh key from the operating system's randomness.
+    pub fn generate(epoch: u32) -> Result<Self, CryptoError> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(CryptoError::Random)?;
+        Ok(Self::from_bytes(epoch, key))
+    }
+
+    /// The key a host handed over; `None` unless it is exactly 32 bytes.
+    pub fn from_pb(g: &kakehashi_proto::pb::GroupKey) -> Option<Self> {
+        let key: [u8; 32] = g.key.as_slice().try_into().ok()?;
+        Some(Self::from_bytes(g.epoch, key))
+    }
+
+    fn from_bytes(epoch: u32, key: [u8; 32]) -> Self {
+        let aead = Aes256Gcm::new(&Key::<Aes256Gcm>::from(key));
+        Self {
+            epoch,
+            key,
+            keys: SessionKeys {
+                seal: aead.clone(),
+                open: aead,
+                sas: String::new(),
+            },
+        }
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// Seals and opens screen frames (the same key both ways).
+    pub fn keys(&self) -> &SessionKeys {
+        &self.keys
+    }
+
+    /// The next epoch's key.
+    pub fn rotate(&self) -> Result<Self, CryptoError> {
+        Self::generate(self.epoch.wrapping_add(1))
+    }
+
+    pub fn to_pb(&self) -> kakehashi_proto::pb::GroupKey {
+        kakehashi_proto::pb::GroupKey {
+            epoch: self.epoch,
+            key: self.key.to_vec(),
+        }
+    }
+}
+
 fn nonce(channel: Channel, seq: u64) -> aes_gcm::aead::Nonce<Aes256Gcm> {
     let mut n = [0u8; 12];
     n[0] = channel as u8;
@@ -344,6 +417,31 @@ mod tests {
             h.seal(Channel::Chat, 0, 1, &big),
             Err(CryptoError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn group_key_opens_for_every_holder_and_not_after_rotation() {
+        let host = GroupKey::generate(1).expect("random");
+        let a = GroupKey::from_pb(&host.to_pb()).expect("32 bytes");
+        let b = GroupKey::from_pb(&host.to_pb()).expect("32 bytes");
+        let f = host
+            .keys()
+            .seal(Channel::Screen, 0, 7, b"pic")
+            .expect("seal");
+        assert_eq!(a.keys().open(&f).expect("a opens"), b"pic");
+        assert_eq!(b.keys().open(&f).expect("b opens"), b"pic");
+        let next = host.rotate().expect("random");
+        assert_eq!(next.epoch(), 2);
+        let g = next
+            .keys()
+            .seal(Channel::Screen, 0, 8, b"pic")
+            .expect("seal");
+        assert!(a.keys().open(&g).is_err(), "an old key reads nothing new");
+        let short = kakehashi_proto::pb::GroupKey {
+            epoch: 3,
+            key: vec![1; 16],
+        };
+        assert!(GroupKey::from_pb(&short).is_none());
     }
 
     #[test]

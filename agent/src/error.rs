@@ -42,6 +42,8 @@ pub enum AgentError {
     Crypto(#[from] CryptoError),
     #[error("no peer is attached yet, so there is nobody to encrypt for")]
     NoPeer,
+    #[error("a supervisor only watches: it sends nothing to the customer")]
+    WatchOnly,
     #[error("the session is over")]
     Ended,
     #[error(

@@ -2,9 +2,10 @@
 //! anything, and enforces the grants itself (it sends no screen without VIEW and obeys no
 //! input without CONTROL in a control session), whatever the relay does.
 //!
-//! One viewer at a time: keys are kept per participant id, but screen frames are sealed
-//! for the most recently joined viewer only. Several viewers (and recorders) come in a
-//! later issue.
+//! One operator (viewer) and any number of supervisors: screen frames are sealed once,
+//! under a group key the host hands to the operator and to each supervisor the customer
+//! admitted, so the relay fans one ciphertext out. Everything else (input, chat, files,
+//! system information) is the customer's exchange with the operator, sealed pairwise.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +25,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::conduit::{Conduit, Via};
 use crate::consent::{self, Consent, ConsentRequest};
-use crate::crypto::{Keypair, Side};
+use crate::crypto::{GroupKey, Keypair, Side};
 use crate::error::{AgentError, connect_coordinator};
 use crate::link::{LinkError, LinkReceiver, LinkSender, RelayLink};
 use crate::peer::{self, Joined, Peer};
@@ -106,6 +107,30 @@ pub enum HostEvent {
         participant_id: u64,
         sas: String,
     },
+    /// A supervisor (a second, watch-only operator) attached and asks to watch; the
+    /// customer's answer comes as a consent question like any other (VIEW admits it).
+    SupervisorJoined {
+        participant_id: u64,
+        sas: String,
+    },
+    /// The customer admitted (the supervisor now gets the screen) or refused it.
+    SupervisorAnswered {
+        participant_id: u64,
+        admitted: bool,
+    },
+    /// A supervisor left; the group key was replaced so it reads nothing more.
+    SupervisorLeft {
+        participant_id: u64,
+    },
+    /// A recorder attached. It gets the screen only while RECORDING is granted (asked
+    /// as a consent question when it is not): show the customer that the session is
+    /// being recorded while [`Host::is_recording`].
+    RecorderJoined {
+        participant_id: u64,
+    },
+    RecorderLeft {
+        participant_id: u64,
+    },
     /// [`Consent::Manual`]: answer with [`Host::answer`].
     ConsentRequested {
         permissions: Permissions,
@@ -168,8 +193,15 @@ struct State {
     /// carries [`Permissions::PAUSED`].
     paused: bool,
     viewers: HashMap<u64, Peer>,
-    /// The viewer screen frames are sealed for (the most recent one).
+    /// The operator: the viewer the pairwise channels are for (the most recent one).
     current: Option<u64>,
+    /// Supervisors and recorders by participant id, and whether each may have the
+    /// group key: a supervisor the customer admitted; a recorder while RECORDING is
+    /// granted.
+    supervisors: HashMap<u64, (Peer, bool)>,
+    /// What screen frames are sealed with. `None` only if the system's randomness
+    /// failed: then no screen leaves this host.
+    group: Option<GroupKey>,
     ended: bool,
 }
 
@@ -202,10 +234,13 @@ struct Shared {
 /// What the receiving side dropped, by cause.
 #[derive(Default)]
 pub(crate) struct Counters {
+    /// Screen pictures sealed and sent (each once, whoever watches).
+    pub screen_sealed: AtomicU64,
     pub dropped: AtomicU64,
     pub duplicates: AtomicU64,
     pub out_of_order: AtomicU64,
     pub resumes: AtomicU64,
+    pub relay_screen_drops: AtomicU64,
 }
 
 impl State {
@@ -389,6 +424,10 @@ impl Host {
                 paused: false,
                 viewers: HashMap::new(),
                 current: None,
+                supervisors: HashMap::new(),
+                group: GroupKey::generate(1)
+                    .inspect_err(|e| warn!(error = %e, "no group key: the screen is not shared"))
+                    .ok(),
                 ended: false,
             }),
             key_frame_wanted: AtomicBool::new(true),
@@ -467,6 +506,45 @@ impl Host {
 
     pub fn session(&self) -> &pb::Session {
         &self.shared.joined.session
+    }
+
+    /// Supervisors that attached, and whether the customer admitted each.
+    pub fn supervisors(&self) -> Vec<(u64, bool)> {
+        let mut v: Vec<(u64, bool)> = self
+            .shared
+            .state()
+            .supervisors
+            .iter()
+            .map(|(id, (_, admitted))| (*id, *admitted))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Whether a recorder attached on this host's relay may have the screen now (the
+    /// customer allowed recording): what the on-screen indicator shows.
+    pub fn is_recording(&self) -> bool {
+        let state = self.shared.state();
+        state.supervisors.values().any(|(p, admitted)| {
+            p.role == Role::Recorder
+                && *admitted
+                && self.conduit.reaches(p.participant_id).is_some()
+        })
+    }
+
+    /// The group key's epoch: it grows by one whenever an admitted supervisor leaves.
+    pub fn group_epoch(&self) -> Option<u32> {
+        self.shared.state().group.as_ref().map(GroupKey::epoch)
+    }
+
+    /// Screen pictures sealed and sent: each once, however many watch.
+    pub fn screen_frames_sealed(&self) -> u64 {
+        self.shared.counters.screen_sealed.load(Ordering::Relaxed)
+    }
+
+    /// Bytes this host sent to its current relay (every QUIC datagram, all streams).
+    pub fn bytes_sent_to_relay(&self) -> u64 {
+        self.conduit.tx().path_stats().1.udp_tx.bytes
     }
 
     pub fn participant_id(&self) -> u64 {
@@ -607,11 +685,12 @@ impl Host {
         self.answers.send(granted).map_err(|_| AgentError::Ended)
     }
 
-    /// Sends a screen frame to the viewer. `Ok(false)`: withheld, because VIEW is not
-    /// granted or no viewer is attached to this host's relay (the session is moving).
-    /// Sealed for the current (most recent) viewer only; several viewers come in a
-    /// later issue. After a withheld or failed frame, [`Host::wants_key_frame`] is set:
-    /// whoever sees the next frame has missed the ones before.
+    /// Sends a screen frame to the operator and every admitted supervisor, sealed once
+    /// under the group key (a key frame goes after the group key, sealed for each of
+    /// them). `Ok(false)`: withheld, because VIEW is not granted or the operator is not
+    /// attached to this host's relay (the session is moving). After a withheld or
+    /// failed frame, [`Host::wants_key_frame`] is set: whoever sees the next frame has
+    /// missed the ones before.
     pub async fn send_screen(&self, frame: pb::ScreenFrame) -> Result<bool, AgentError> {
         send_screen_via(&self.shared, &self.conduit, frame).await
     }
@@ -766,12 +845,13 @@ async fn send_screen_via(
     conduit: &Conduit,
     frame: pb::ScreenFrame,
 ) -> Result<bool, AgentError> {
-    let (peer, link) = {
+    let (peer, link, group, holders) = {
         let state = shared.state();
         if state.ended {
             return Err(AgentError::Ended);
         }
         let peer = state.current.and_then(|id| state.viewers.get(&id));
+        let group = state.group.clone();
         // Presence first: the driver marks a returning viewer as needing a key
         // frame before it marks it present, so a present viewer's flag is seen.
         let reachable = peer.and_then(|p| conduit.reaches(p.participant_id));
@@ -780,8 +860,8 @@ async fn send_screen_via(
         // grant this host re-sent: a key frame lost that way would leave the viewer
         // with deltas it cannot decode.
         let regranting = shared.regranting.load(Ordering::Acquire);
-        match (peer, reachable) {
-            (Some(p), Some(link))
+        match (peer, reachable, group) {
+            (Some(p), Some(link), Some(group))
                 if !needs_key
                     && !regranting
                     && may_forward(
@@ -792,7 +872,24 @@ async fn send_screen_via(
                     )
                     .is_ok() =>
             {
-                (p.clone(), link)
+                // Before a key frame, everyone who may watch gets the group key again:
+                // whoever missed it (joined, came back, was admitted) starts here.
+                let holders: Vec<Peer> = if frame.key_frame {
+                    std::iter::once(p.clone())
+                        .chain(
+                            state
+                                .supervisors
+                                .values()
+                                .filter(|(s, admitted)| {
+                                    *admitted && conduit.reaches(s.participant_id).is_some()
+                                })
+                                .map(|(s, _)| s.clone()),
+                        )
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                (p.clone(), link, group, holders)
             }
             _ => {
                 shared.key_frame_wanted.store(true, Ordering::Relaxed);
@@ -802,17 +899,49 @@ async fn send_screen_via(
     };
     let flags = if frame.key_frame { FLAG_KEY_FRAME } else { 0 };
     let payload = frame.encode_to_vec();
-    // Only on the link the viewer was seen on: after a move it needs a key frame.
-    let sent = conduit
-        .send_with(
-            &peer.keys,
-            peer.participant_id,
-            Channel::Screen,
-            flags,
-            &payload,
-            Via::Link(link),
-        )
-        .await;
+    let envelope = pb::ScreenFrame {
+        group_key: Some(group.to_pb()),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut sent = Ok(());
+    for h in &holders {
+        // Flagged like a key frame so a relay that skips deltas for a slow viewer
+        // still lets it through.
+        sent = conduit
+            .send_with(
+                &h.keys,
+                h.participant_id,
+                Channel::Screen,
+                FLAG_KEY_FRAME,
+                &envelope,
+                Via::Link(link),
+            )
+            .await;
+        if sent.is_err() {
+            break;
+        }
+    }
+    // One ciphertext for every viewer; only on the link the operator was seen on:
+    // after a move it needs a key frame.
+    if sent.is_ok() {
+        sent = conduit
+            .send_with(
+                group.keys(),
+                peer.participant_id,
+                Channel::Screen,
+                flags,
+                &payload,
+                Via::Link(link),
+            )
+            .await;
+        if sent.is_ok() {
+            shared
+                .counters
+                .screen_sealed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
     match sent {
         Ok(()) => {
             if frame.key_frame {
@@ -1020,7 +1149,14 @@ impl Driver {
         if self.conduit.set_relay_granted(relay_granted) {
             self.spawn_replay();
         }
-        for token in &welcome.peer_tokens {
+        // The operator first: the customer is asked about it before any supervisor
+        // that happened to attach earlier (the role byte only orders; every token is
+        // verified in full).
+        let (operators, others): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = welcome
+            .peer_tokens
+            .iter()
+            .partition(|t| t.get(1) == Some(&(Role::Viewer as u8)));
+        for token in operators.into_iter().chain(others) {
             self.accept_viewer(token).await;
         }
     }
@@ -1049,6 +1185,7 @@ impl Driver {
                 info!(participant = p.participant_id, "viewer left");
                 let current = self.shared.state().current;
                 let _ = self.conduit.set_present(p.participant_id, false);
+                self.supervisor_left(p.participant_id).await;
                 self.queue.retain(|r| r.viewer != p.participant_id);
                 if current == Some(p.participant_id) {
                     self.follow = Some(Follow::start());
@@ -1065,6 +1202,10 @@ impl Driver {
             }
             Kind::KeyFrameRequest(_) => {
                 self.shared.key_frame_wanted.store(true, Ordering::Relaxed);
+                self.shared
+                    .counters
+                    .relay_screen_drops
+                    .fetch_add(1, Ordering::Relaxed);
                 self.emit(HostEvent::KeyFrameRequested).await;
             }
             Kind::SessionEnded(e) if reason_of(e.reason) == pb::EndReason::RelayShutdown => {
@@ -1193,7 +1334,7 @@ impl Driver {
         let peer = match peer::accept_peer(
             token,
             &self.shared.joined,
-            Role::Viewer,
+            &[Role::Viewer, Role::Supervisor, Role::Recorder],
             &self.me,
             Side::Host,
         ) {
@@ -1204,6 +1345,10 @@ impl Driver {
                 return;
             }
         };
+        if matches!(peer.role, Role::Supervisor | Role::Recorder) {
+            self.accept_supervisor(peer).await;
+            return;
+        }
         let id = peer.participant_id;
         let sas = peer.sas().to_owned();
         let known = self
@@ -1252,8 +1397,199 @@ impl Driver {
             permissions: Permissions::VIEW,
             note: "the operator asks to see your screen".into(),
             sas,
+            supervisor: false,
         })
         .await;
+    }
+
+    /// A supervisor attached: the first time, the customer is asked whether it may
+    /// watch; after a relay move it only needs the group key and a key frame again.
+    async fn accept_supervisor(&mut self, peer: Peer) {
+        let id = peer.participant_id;
+        let sas = peer.sas().to_owned();
+        let known = self
+            .shared
+            .state()
+            .supervisors
+            .get(&id)
+            .map(|(p, _)| p.public_key == peer.public_key);
+        match known {
+            Some(false) => {
+                warn!(
+                    participant = id,
+                    "a known supervisor came back with another public key; refused"
+                );
+                return;
+            }
+            Some(true) => {
+                let _ = self.conduit.set_present(id, true);
+                self.want_key_frame();
+                return;
+            }
+            None => {}
+        }
+        if peer.role == Role::Recorder {
+            self.accept_recorder(peer).await;
+            return;
+        }
+        self.shared.state().supervisors.insert(id, (peer, false));
+        let _ = self.conduit.set_present(id, true);
+        info!(participant = id, %sas, "supervisor joined");
+        self.emit(HostEvent::SupervisorJoined {
+            participant_id: id,
+            sas: sas.clone(),
+        })
+        .await;
+        self.queue.push_back(ConsentRequest {
+            viewer: id,
+            permissions: Permissions::VIEW,
+            note: "a supervisor asks to watch your screen too".into(),
+            sas,
+            supervisor: true,
+        });
+        self.ask_next().await;
+    }
+
+    /// A recorder attached for the first time: it may have the group key while the
+    /// customer allows recording, which is asked now if it was not already.
+    async fn accept_recorder(&mut self, peer: Peer) {
+        let id = peer.participant_id;
+        let sas = peer.sas().to_owned();
+        let recording = self.shared.state().granted.contains(Permissions::RECORDING);
+        self.shared
+            .state()
+            .supervisors
+            .insert(id, (peer, recording));
+        let _ = self.conduit.set_present(id, true);
+        info!(participant = id, recording, "recorder joined");
+        self.emit(HostEvent::RecorderJoined { participant_id: id })
+            .await;
+        if recording {
+            self.want_key_frame();
+        } else {
+            self.report_activity(pb::EventKind::PermissionRequested, Permissions::RECORDING);
+            self.request(ConsentRequest {
+                viewer: id,
+                permissions: Permissions::RECORDING,
+                note: "the operator wants to record this session".into(),
+                sas,
+                supervisor: false,
+            })
+            .await;
+        }
+    }
+
+    /// RECORDING was granted or withdrawn: recorders get the group key, or lose it
+    /// (a new key, so what they hold opens nothing that follows).
+    pub(super) fn recording_changed(&mut self, granted: bool) {
+        let rotate = {
+            let mut state = self.shared.state();
+            let mut changed = false;
+            for (peer, admitted) in state.supervisors.values_mut() {
+                if peer.role == Role::Recorder && *admitted != granted {
+                    *admitted = granted;
+                    changed = true;
+                }
+            }
+            if changed && !granted {
+                state.group = match state.group.as_ref().map(GroupKey::rotate) {
+                    Some(Ok(g)) => Some(g),
+                    Some(Err(e)) => {
+                        warn!(error = %e, "no new group key: the screen stops");
+                        None
+                    }
+                    None => None,
+                };
+            }
+            changed
+        };
+        if rotate {
+            self.want_key_frame();
+        }
+    }
+
+    /// The customer's answer about a supervisor.
+    async fn on_admission(&mut self, id: u64, admitted: bool) {
+        let known = match self.shared.state().supervisors.get_mut(&id) {
+            Some(entry) => {
+                entry.1 = admitted;
+                true
+            }
+            None => false,
+        };
+        if !known {
+            return;
+        }
+        info!(participant = id, admitted, "customer answered a supervisor");
+        if admitted {
+            // It holds nothing yet: the group key goes before the next key frame.
+            self.want_key_frame();
+        }
+        let kind = if admitted {
+            pb::EventKind::SupervisorAdmitted
+        } else {
+            pb::EventKind::SupervisorRefused
+        };
+        self.queue_report(Report::Activity {
+            kind,
+            permissions: Permissions::VIEW,
+            remaining_secs: 0,
+            detail: format!("supervisor {id}"),
+        });
+        self.emit(HostEvent::SupervisorAnswered {
+            participant_id: id,
+            admitted,
+        })
+        .await;
+    }
+
+    /// A supervisor left (for good, or to follow the session to another relay): what
+    /// follows is sealed under a new group key, handed only to those still here.
+    async fn supervisor_left(&mut self, id: u64) {
+        let rotated = {
+            let mut state = self.shared.state();
+            match state.supervisors.get(&id) {
+                Some((_, true)) => {
+                    let next = state.group.as_ref().map(GroupKey::rotate);
+                    state.group = match next {
+                        Some(Ok(g)) => Some(g),
+                        Some(Err(e)) => {
+                            warn!(error = %e, "no new group key: the screen stops");
+                            None
+                        }
+                        None => None,
+                    };
+                    Some(true)
+                }
+                Some((_, false)) => Some(false),
+                None => None,
+            }
+        };
+        let Some(rotated) = rotated else { return };
+        self.queue.retain(|r| r.viewer != id);
+        if rotated {
+            self.want_key_frame();
+        }
+        let recorder = self
+            .shared
+            .state()
+            .supervisors
+            .get(&id)
+            .is_some_and(|(p, _)| p.role == Role::Recorder);
+        info!(participant = id, rotated, recorder, "watcher left");
+        self.emit(if recorder {
+            HostEvent::RecorderLeft { participant_id: id }
+        } else {
+            HostEvent::SupervisorLeft { participant_id: id }
+        })
+        .await;
+    }
+
+    /// The next screen frame must be a key frame, with the group key before it, and no
+    /// delta goes out until it has.
+    fn want_key_frame(&self) {
+        self.shared.viewer_needs_key.store(true, Ordering::Release);
+        self.shared.key_frame_wanted.store(true, Ordering::Relaxed);
     }
 
     /// A viewer is attached on the current link: replay to it, tell it what was
@@ -1354,8 +1690,17 @@ impl Driver {
             warn!(%answer, "consent answer with no question open; ignored");
             return;
         };
+        if req.supervisor {
+            self.on_admission(req.viewer, answer.contains(Permissions::VIEW))
+                .await;
+            self.ask_next().await;
+            return;
+        }
         // A viewer that left while the customer was deciding gets nothing.
-        let viewer_present = self.shared.state().viewers.contains_key(&req.viewer);
+        let viewer_present = {
+            let state = self.shared.state();
+            state.viewers.contains_key(&req.viewer) || state.supervisors.contains_key(&req.viewer)
+        };
         if viewer_present {
             let claims = &self.shared.joined.claims;
             let current = self.shared.state().granted;
@@ -1547,6 +1892,7 @@ impl Driver {
             permissions: asked,
             note: r.note,
             sas,
+            supervisor: false,
         })
         .await;
     }

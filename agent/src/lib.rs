@@ -8,6 +8,8 @@
 //!   shows the screen, asks for permissions, sends input only when granted.
 //! - [`consent`]: how answers become grants; the terminal prompt.
 //! - [`peer`]: trusting the other participant through its coordinator-signed token.
+//! - [`recording`]: the recorder's files: encrypted, hash-chained segments, verify,
+//!   playback, retention (`prune`).
 //! - [`crypto`]: X25519 + HKDF session keys, AES-256-GCM frame sealing, the SAS.
 //! - [`link`]: the QUIC data-plane client ([`RelayLink`]), following
 //!   [`kakehashi_proto::dataplane`] exactly.
@@ -17,6 +19,8 @@
 //!   to a new link with the sequence numbers continued).
 //! - `resume`: `AgentService.ResumeSession` with retries, and following a peer that
 //!   moved the session.
+//! - [`device`]: unattended access, the device's side: the Ed25519 device key file,
+//!   the signed `PollDevice` loop, joining a pending session without a prompt.
 //! - [`files`]: file transfer (offer, approval, chunks, SHA-256), either direction.
 //! - [`sysinfo`]: the system information a customer may share (Linux first).
 //! - [`tls`]: the pinned-certificate verifier and the quinn client configuration.
@@ -34,6 +38,7 @@
 //!   customer's approval of each, by the same [`kakehashi_proto::policy::may_forward`]
 //!   rule the relay applies.
 //! - The host writes nothing to disk: keys, tokens and received files live in memory.
+//!   The one exception is `kakehashi device init`, which writes the device key (0600).
 //! - Every task is owned (a `JoinSet` in the object that started it); dropping a
 //!   [`Host`], [`Viewer`] or [`RelayLink`] stops its tasks and leaves the session.
 //! - A relay loss costs a pause, never a reliable byte: input, control, chat and file
@@ -45,6 +50,7 @@ mod conduit;
 pub mod consent;
 pub mod control;
 pub mod crypto;
+pub mod device;
 pub mod error;
 pub mod files;
 pub mod host;
@@ -52,6 +58,7 @@ pub mod link;
 #[cfg(feature = "media")]
 pub mod media;
 pub mod peer;
+pub mod recording;
 pub mod reliable;
 mod resume;
 pub mod stats;

@@ -367,6 +367,12 @@ impl LinkSender {
     pub fn remote_address(&self) -> SocketAddr {
         self.shared.conn.remote_address()
     }
+
+    /// This connection's id (a new one after a relay move) and its QUIC path counters
+    /// (smoothed RTT, packets sent and lost), for bitrate adaptation.
+    pub fn path_stats(&self) -> (usize, quinn::ConnectionStats) {
+        (self.shared.conn.stable_id(), self.shared.conn.stats())
+    }
 }
 
 /// The receiving side of a link: signals and data frames from the relay.

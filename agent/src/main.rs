@@ -21,6 +21,9 @@ use kakehashi_proto::{Mode, Permissions, pb};
 use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 
+mod device_cli;
+mod recording_cli;
+
 const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7700";
 
 #[derive(Debug, Parser)]
@@ -42,6 +45,12 @@ enum Command {
     View(ViewArgs),
     /// Manage sessions through the coordinator's SessionService.
     Ctl(CtlArgs),
+    /// Record a session as its recorder (the customer must allow recording).
+    Record(recording_cli::RecordArgs),
+    /// Verify, play back or prune recordings, or make a recording key.
+    Recording(recording_cli::RecordingArgs),
+    /// Unattended access on an installed device: make its key, or wait for operators.
+    Device(device_cli::DeviceArgs),
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +101,19 @@ struct HostArgs {
     /// Target bitrate for --screen x11, bits per second.
     #[arg(long, env = "KAKEHASHI_BITRATE", default_value_t = 1_500_000, value_parser = clap::value_parser!(u32).range(10_000..=100_000_000))]
     bitrate: u32,
+    /// Lowest bitrate the adaptation to the relay path may choose, bits per second.
+    #[arg(long, env = "KAKEHASHI_MIN_BITRATE", default_value_t = 150_000, value_parser = clap::value_parser!(u32).range(10_000..=100_000_000))]
+    min_bitrate: u32,
+    /// Highest bitrate the adaptation may choose, bits per second (default: --bitrate).
+    #[arg(long, env = "KAKEHASHI_MAX_BITRATE", value_parser = clap::value_parser!(u32).range(10_000..=100_000_000))]
+    max_bitrate: Option<u32>,
+    /// Keep --bitrate whatever the path does (no adaptation).
+    #[arg(long, env = "KAKEHASHI_FIXED_BITRATE")]
+    fixed_bitrate: bool,
+    /// With --screen x11, draw nothing on the customer's screen: no pointer marker, no
+    /// keyboard display, no watching/controlling/recording bar.
+    #[arg(long, env = "KAKEHASHI_NO_OVERLAY")]
+    no_overlay: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -123,6 +145,10 @@ struct ViewArgs {
     /// Ask the customer for these permissions once connected (e.g. control).
     #[arg(long, env = "KAKEHASHI_REQUEST", value_parser = parse_permissions)]
     request: Option<Permissions>,
+    /// Join as a supervisor: watch the screen next to the operator once the customer
+    /// admits you; send nothing.
+    #[arg(long, env = "KAKEHASHI_SUPERVISOR")]
+    supervisor: bool,
     /// The note shown to the customer with --request.
     #[arg(long, env = "KAKEHASHI_NOTE", default_value = "")]
     note: String,
@@ -140,12 +166,24 @@ struct ViewArgs {
     /// latest picture as DIR/screen.png.
     #[arg(long, env = "KAKEHASHI_PNG_DIR")]
     png_dir: Option<std::path::PathBuf>,
+    /// Show the customer's screen in an X11 window, with the security code, grants,
+    /// pause and recording in its title; mouse and keys on it go to the customer while
+    /// control is granted. Closing the window ends the session. Works with --png-dir.
+    #[arg(long, env = "KAKEHASHI_WINDOW")]
+    window: bool,
+    /// The X display for --window (default: $DISPLAY).
+    #[arg(long, env = "KAKEHASHI_WINDOW_DISPLAY", requires = "window")]
+    window_display: Option<String>,
 }
 
 #[derive(Debug, Args)]
 struct CtlArgs {
     #[arg(long, env = "KAKEHASHI_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
+    /// The call center's API key (`kh_<id>_<secret>`), sent as `authorization: Bearer`
+    /// on every call; needed when the coordinator runs with `--auth api-keys`.
+    #[arg(long, env = "KAKEHASHI_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// One JSON object per result or event instead of text.
     #[arg(long, env = "KAKEHASHI_JSON")]
     json: bool,
@@ -215,6 +253,9 @@ fn run(cli: Cli) -> Result<()> {
             Command::Host(args) => host(args).await,
             Command::View(args) => view(args).await,
             Command::Ctl(args) => ctl(args).await,
+            Command::Record(args) => recording_cli::record(args).await,
+            Command::Recording(args) => recording_cli::recording(args),
+            Command::Device(args) => device_cli::device(args).await,
         }
     });
     // A consent prompt may still be blocked reading the terminal after the session
@@ -314,6 +355,10 @@ async fn host(args: HostArgs) -> Result<()> {
         host.session().session_id
     );
     println!("{HOST_HELP}");
+    // The operator's pointer and keys, and who watches, on the customer's screen;
+    // opened first, so nothing is shared without it.
+    let overlay = open_overlay(&args)?;
+    show_state(overlay.as_ref(), &host);
     // Kept for the whole session: dropping it stops capture and injection.
     let share = share_screen(&host, &args)?;
     let mut source = SyntheticSource::new(args.screen());
@@ -334,7 +379,7 @@ async fn host(args: HostArgs) -> Result<()> {
                     Err(e) => tracing::debug!(error = %e, "screen frame not sent"),
                 }
             }
-            ev = host.next_event() => match ev {
+            ev = host.next_event() => match overlaid(overlay.as_ref(), &host, ev) {
                 Some(HostEvent::Ended { reason, detail }) => {
                     print_end(reason, &detail);
                     // The event stream closes once the agent has told the coordinator
@@ -369,7 +414,10 @@ async fn host(args: HostArgs) -> Result<()> {
                 None => return Err(anyhow!("the session's event stream stopped")),
             },
             line = next_line(&mut lines) => match line {
-                Some(line) => host_command(&host, &mut questions, &line).await?,
+                Some(line) => {
+                    host_command(&host, &mut questions, &line).await?;
+                    show_state(overlay.as_ref(), &host);
+                }
                 None => {
                     lines = None;
                     while let Some(q) = questions.pop_front() {
@@ -408,6 +456,9 @@ fn share_screen(
                     scale: args.scale,
                 },
                 bitrate_bps: args.bitrate,
+                adapt_bitrate: !args.fixed_bitrate,
+                min_bitrate_bps: args.min_bitrate,
+                max_bitrate_bps: args.max_bitrate,
                 inject_input: true,
             })
             .map(Some)
@@ -421,6 +472,79 @@ fn share_screen(_host: &Host, args: &HostArgs) -> Result<Option<()>> {
         ScreenKind::Synthetic => Ok(None),
         ScreenKind::X11 => Err(anyhow!("--screen x11 needs a build with the media feature")),
     }
+}
+
+#[cfg(feature = "media")]
+type Overlay = kakehashi_agent::media::Overlay;
+
+/// `--screen x11` without `--no-overlay`: the overlay on the shared display. Failing to
+/// draw it fails the share: the customer must see who is watching.
+#[cfg(feature = "media")]
+fn open_overlay(args: &HostArgs) -> Result<Option<Overlay>> {
+    if args.screen != ScreenKind::X11 || args.no_overlay {
+        return Ok(None);
+    }
+    let options = kakehashi_agent::media::OverlayOptions {
+        capture_scale: args.scale,
+        ..Default::default()
+    };
+    Overlay::open_with(args.display.as_deref(), options)
+        .map(Some)
+        .context("could not draw on the customer's screen (--no-overlay shares without it)")
+}
+
+/// The indicator follows the grants, the pause and the viewer.
+#[cfg(feature = "media")]
+fn show_state(overlay: Option<&Overlay>, host: &Host) {
+    if let Some(o) = overlay {
+        let control = host.session().mode == pb::SessionMode::Control as i32;
+        // The operator, once joined, and each supervisor the customer admitted.
+        let supervisors = host
+            .supervisors()
+            .iter()
+            .filter(|(_, admitted)| *admitted)
+            .count();
+        let viewers = u32::from(host.sas().is_some()) + supervisors as u32;
+        o.set_state(kakehashi_agent::media::IndicatorState::from_session(
+            host.granted(),
+            host.is_paused(),
+            control,
+            viewers,
+        ));
+    }
+}
+
+/// Shows a host event's pointer or keys on the overlay, and passes the event on.
+#[cfg(feature = "media")]
+fn overlaid(overlay: Option<&Overlay>, host: &Host, ev: Option<HostEvent>) -> Option<HostEvent> {
+    match (overlay, &ev) {
+        // Over: nobody watches any more, even while the end is being reported.
+        (Some(o), Some(HostEvent::Ended { .. }) | None) => {
+            o.set_state(kakehashi_agent::media::IndicatorState::default());
+        }
+        (Some(o), Some(ev)) => {
+            o.apply(ev);
+            show_state(overlay, host);
+        }
+        (None, _) => {}
+    }
+    ev
+}
+
+#[cfg(not(feature = "media"))]
+enum Overlay {}
+
+#[cfg(not(feature = "media"))]
+fn open_overlay(_args: &HostArgs) -> Result<Option<Overlay>> {
+    Ok(None)
+}
+
+#[cfg(not(feature = "media"))]
+fn show_state(_overlay: Option<&Overlay>, _host: &Host) {}
+
+#[cfg(not(feature = "media"))]
+fn overlaid(_overlay: Option<&Overlay>, _host: &Host, ev: Option<HostEvent>) -> Option<HostEvent> {
+    ev
 }
 
 #[cfg(feature = "media")]
@@ -457,6 +581,144 @@ fn png_output(dir: Option<&std::path::Path>) -> Result<Option<Png>> {
 #[cfg(not(feature = "media"))]
 fn show(png: &mut Png, _frame: &pb::ScreenFrame) {
     match *png {}
+}
+
+#[cfg(feature = "media")]
+type ScreenWindow = kakehashi_agent::viewer::ViewerWindow;
+#[cfg(feature = "media")]
+type WindowEv = kakehashi_agent::viewer::WindowEvent;
+
+/// The viewer window, when `--window` asks for one.
+#[cfg(feature = "media")]
+fn viewer_window(args: &ViewArgs, viewer: &Viewer) -> Result<Option<ScreenWindow>> {
+    if !args.window {
+        return Ok(None);
+    }
+    let title = format!("Kakehashi - session {}", viewer.session().session_id);
+    let w = ScreenWindow::open(args.window_display.as_deref(), &title).context("--window")?;
+    w.set_status(kakehashi_agent::viewer::WindowStatus::of(viewer))
+        .context("--window")?;
+    println!(
+        "Showing the customer's screen in a window; mouse and keys on it reach the customer while control is granted."
+    );
+    Ok(Some(w))
+}
+
+/// Shows a viewer event in the window (screen, status) and hands it back. A window
+/// that fails is closed; the session goes on.
+#[cfg(feature = "media")]
+fn follow_window(
+    w: &mut Option<ScreenWindow>,
+    viewer: &Viewer,
+    ev: Option<ViewerEvent>,
+) -> Option<ViewerEvent> {
+    if let (Some(win), Some(e)) = (w.as_mut(), ev.as_ref())
+        && let Err(err) = win.follow(viewer, e)
+    {
+        if let kakehashi_agent::viewer::WindowError::Decode(_) = err {
+            tracing::warn!(error = %err, "screen frame not shown");
+        } else {
+            println!("The viewer window failed ({err}); going on without it.");
+            *w = None;
+        }
+    }
+    ev
+}
+
+#[cfg(feature = "media")]
+async fn next_window_event(w: &mut Option<ScreenWindow>) -> Option<WindowEv> {
+    match w {
+        Some(w) => w.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Acts on what the window reported; `Ok(true)` once the operator closed it and the
+/// session was hung up.
+#[cfg(feature = "media")]
+async fn window_event(
+    viewer: &Viewer,
+    w: &mut Option<ScreenWindow>,
+    ev: Option<WindowEv>,
+) -> Result<bool> {
+    match ev {
+        Some(WindowEv::Input(input)) => {
+            // The window makes input only while its status allows control; the viewer,
+            // the host and the relay each check again.
+            if viewer.granted().contains(Permissions::CONTROL)
+                && !viewer.is_paused()
+                && let Err(e) = viewer.send_input(input).await
+            {
+                tracing::warn!(error = %e, "input from the window not sent");
+            }
+            Ok(false)
+        }
+        Some(WindowEv::Point(hint)) => {
+            if let Err(e) = viewer.send_pointer(hint).await {
+                tracing::warn!(error = %e, "pointer from the window not sent");
+            }
+            Ok(false)
+        }
+        Some(WindowEv::Closed) => {
+            viewer
+                .hangup(
+                    pb::EndReason::EndedByOperator,
+                    "the operator closed the viewer window",
+                )
+                .await
+                .context("hanging up")?;
+            println!("You closed the window; the session ended.");
+            Ok(true)
+        }
+        Some(WindowEv::Failed(why)) => {
+            println!("The viewer window failed ({why}); going on without it.");
+            *w = None;
+            Ok(false)
+        }
+        None => {
+            *w = None;
+            Ok(false)
+        }
+    }
+}
+
+#[cfg(not(feature = "media"))]
+enum ScreenWindow {}
+#[cfg(not(feature = "media"))]
+enum WindowEv {}
+
+#[cfg(not(feature = "media"))]
+fn viewer_window(args: &ViewArgs, _viewer: &Viewer) -> Result<Option<ScreenWindow>> {
+    match args.window {
+        true => Err(anyhow!("--window needs a build with the media feature")),
+        false => Ok(None),
+    }
+}
+
+#[cfg(not(feature = "media"))]
+fn follow_window(
+    _w: &mut Option<ScreenWindow>,
+    _viewer: &Viewer,
+    ev: Option<ViewerEvent>,
+) -> Option<ViewerEvent> {
+    ev
+}
+
+#[cfg(not(feature = "media"))]
+async fn next_window_event(_w: &mut Option<ScreenWindow>) -> Option<WindowEv> {
+    std::future::pending().await
+}
+
+#[cfg(not(feature = "media"))]
+async fn window_event(
+    _viewer: &Viewer,
+    _w: &mut Option<ScreenWindow>,
+    ev: Option<WindowEv>,
+) -> Result<bool> {
+    match ev {
+        Some(e) => match e {},
+        None => Ok(false),
+    }
 }
 
 /// The next stdin line; pending forever once stdin is closed (`None` in `lines`).
@@ -562,6 +824,22 @@ fn print_host_event(ev: &HostEvent) {
         HostEvent::PeerJoined { sas, .. } => println!(
             "The operator connected. Security code: {sas} (it must match the code the operator reads to you)."
         ),
+        HostEvent::SupervisorJoined { sas, .. } => {
+            println!("A supervisor connected and asks to watch too. Security code: {sas}.")
+        }
+        HostEvent::SupervisorAnswered { admitted: true, .. } => {
+            println!("The supervisor can now see your screen.")
+        }
+        HostEvent::SupervisorAnswered {
+            admitted: false, ..
+        } => {
+            println!("The supervisor was refused and sees nothing.")
+        }
+        HostEvent::SupervisorLeft { .. } => println!("A supervisor left."),
+        HostEvent::RecorderJoined { .. } => {
+            println!("A recorder joined: the session is recorded only if you allow it.")
+        }
+        HostEvent::RecorderLeft { .. } => println!("The recorder left."),
         HostEvent::GrantsChanged(g) => println!("Allowed now: {g}"),
         HostEvent::Input(i) => println!("Operator input: {:?}", i.kind),
         HostEvent::Chat(t) => println!("Operator: {t}"),
@@ -611,6 +889,8 @@ request PERMISSIONS [NOTE] (e.g. request control) | type TEXT | click X Y | send
 async fn view(args: ViewArgs) -> Result<()> {
     let config = ViewerConfig {
         request_on_join: args.request.map(|p| (p, args.note.clone())),
+        supervisor: args.supervisor,
+        recorder: false,
     };
     let mut viewer = Viewer::join(&args.coordinator, &args.session, &args.ticket, config)
         .await
@@ -623,6 +903,7 @@ async fn view(args: ViewArgs) -> Result<()> {
     println!("{VIEW_HELP}");
     let mut chat = args.chat.clone();
     let mut png = png_output(args.png_dir.as_deref())?;
+    let mut screen_window = viewer_window(&args, &viewer)?;
     let mut window = LatencyWindow::default();
     let mut total: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -632,7 +913,7 @@ async fn view(args: ViewArgs) -> Result<()> {
     tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
-            ev = viewer.next_event() => match ev {
+            ev = viewer.next_event() => match follow_window(&mut screen_window, &viewer, ev) {
                 Some(ViewerEvent::PeerJoined { sas }) => {
                     println!("The customer connected. Security code: {sas} (read it to the customer).");
                     if let Some(text) = chat.take() {
@@ -662,6 +943,11 @@ async fn view(args: ViewArgs) -> Result<()> {
                 Some(ev) => print_viewer_event(&ev),
                 None => return Err(anyhow!("the session's event stream stopped")),
             },
+            wev = next_window_event(&mut screen_window) => {
+                if window_event(&viewer, &mut screen_window, wev).await? {
+                    return Ok(());
+                }
+            }
             _ = tick.tick() => report(total, &mut window),
             line = next_line(&mut lines) => match line {
                 Some(line) => view_command(&viewer, &line).await,
@@ -682,6 +968,7 @@ async fn view(args: ViewArgs) -> Result<()> {
 fn print_viewer_event(ev: &ViewerEvent) {
     match ev {
         ViewerEvent::Chat(t) => println!("Customer: {t}"),
+        ViewerEvent::Admitted => println!("The customer let you watch."),
         ViewerEvent::GrantsChanged(g) => println!("Granted now: {g}"),
         ViewerEvent::SharingPaused => println!("The customer paused sharing (paused)."),
         ViewerEvent::SharingResumed => println!("The customer resumed sharing (resumed)."),
@@ -725,8 +1012,12 @@ async fn view_command(viewer: &Viewer, line: &str) {
     let line = line.trim();
     let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
     let rest = rest.trim();
+    let watch_only = viewer.is_supervisor() || viewer.is_recorder();
     let result: Result<(), kakehashi_agent::AgentError> = match cmd {
         "" => Ok(()),
+        "chat" | "say" | "point" | "keys" | "request" | "type" | "click" | "send" if watch_only => {
+            Err(kakehashi_agent::AgentError::WatchOnly)
+        }
         "chat" | "say" => viewer.send_chat(rest).await,
         "point" if rest == "off" => viewer
             .send_pointer(pb::PointerHint {
@@ -898,7 +1189,21 @@ fn emit<T: Serialize + std::fmt::Display>(json: bool, value: &T) -> Result<()> {
 
 async fn ctl(args: CtlArgs) -> Result<()> {
     let channel = kakehashi_agent::error::connect_coordinator(&args.coordinator).await?;
-    let mut client = SessionServiceClient::new(channel);
+    let bearer = args
+        .api_key
+        .as_deref()
+        .map(|k| {
+            tonic::metadata::MetadataValue::try_from(format!("Bearer {}", k.trim()))
+                .map_err(|_| anyhow!("--api-key must be printable ASCII (kh_<id>_<secret>)"))
+        })
+        .transpose()?;
+    let mut client =
+        SessionServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            if let Some(b) = &bearer {
+                req.metadata_mut().insert("authorization", b.clone());
+            }
+            Ok(req)
+        });
     let json = args.json;
     match args.command {
         CtlCommand::Create {
@@ -910,6 +1215,7 @@ async fn ctl(args: CtlArgs) -> Result<()> {
         } => {
             let resp = client
                 .create_session(pb::CreateSessionRequest {
+                    device_id: String::new(),
                     tenant,
                     operator,
                     mode: mode.to_pb() as i32,
@@ -1044,6 +1350,8 @@ mod tests {
             "0.5",
             "--bitrate",
             "800000",
+            "--min-bitrate",
+            "200000",
         ])
         .expect("parses");
         let Command::Host(h) = cli.command else {
@@ -1052,6 +1360,12 @@ mod tests {
         assert_eq!(h.screen, ScreenKind::X11);
         assert_eq!(h.display.as_deref(), Some(":7"));
         assert_eq!((h.scale, h.bitrate), (0.5, 800_000));
+        assert_eq!((h.min_bitrate, h.max_bitrate), (200_000, None));
+        assert!(!h.fixed_bitrate);
+        // The overlay is on with --screen x11 unless turned off.
+        assert!(!h.no_overlay);
+        let cli = parse(&["host", "--code", "1", "--screen", "x11", "--no-overlay"]);
+        assert!(matches!(cli.map(|c| c.command), Ok(Command::Host(h)) if h.no_overlay));
         assert!(parse(&["host", "--code", "1", "--scale", "0"]).is_err());
         assert!(parse(&["host", "--code", "1", "--scale", "1.5"]).is_err());
         assert!(parse(&["host", "--code", "1", "--screen", "wayland"]).is_err());
@@ -1092,6 +1406,23 @@ mod tests {
         };
         assert_eq!(v.png_dir.as_deref(), Some(std::path::Path::new("/tmp/x")));
         assert!(parse(&["view", "--session", "ab"]).is_err());
+    }
+
+    #[test]
+    fn view_window_flags() {
+        let base = ["view", "--session", "a", "--ticket", "t"];
+        let both = ["--window", "--window-display", ":5", "--png-dir", "/tmp/x"];
+        let cli = parse(&[&base[..], &both].concat()).expect("parses");
+        let Command::View(v) = cli.command else {
+            panic!("not view");
+        };
+        assert!(v.window);
+        assert_eq!(v.window_display.as_deref(), Some(":5"));
+        assert!(v.png_dir.is_some(), "--window and --png-dir together");
+        assert!(
+            parse(&[&base[..], &["--window-display", ":5"]].concat()).is_err(),
+            "--window-display without --window"
+        );
     }
 
     #[test]

@@ -12,12 +12,18 @@
 //! - [`codec`]: [`H264Encoder`] / [`H264Decoder`] over OpenH264 (built from source),
 //!   with run-time bitrate and key frames on request; [`EncodePipeline`] skips unchanged
 //!   frames.
+//! - [`decoder`]: [`decoder::ScreenDecoder`], the SCREEN channel back to pictures, shared
+//!   by the headless viewer and the viewer window.
 //! - [`input`]: [`InputSink`] (one per platform), [`ControlGate`] and [`Injector`],
 //!   which injects nothing while the gate is closed; [`XTestSink`] for X11;
 //!   [`input::jis`], the Japanese 106-key layout.
 //! - [`stream`]: [`ScreenStream`], capture + encode on a thread of its own feeding a
 //!   bounded channel, controlled through a [`StreamHandle`] (pause, key frame,
 //!   bitrate); what the host wires to its SCREEN channel.
+//! - [`rate`]: [`rate::RateController`], bitrate adaptation from the drops and delay
+//!   the relay path reports (no I/O, no clocks).
+//! - [`overlay`]: [`Overlay`], the operator's pointer, keyboard display and the
+//!   watching/controlling/recording indicator drawn on the customer's X screen.
 //! - [`image`]: decoded frames written as PNG for the headless viewer.
 //! - [`xvfb`]: a private Xvfb server, a scene to draw on it, and a test window that
 //!   records the input it receives (tests, benchmarks, demos).
@@ -31,9 +37,12 @@
 //!   are checked against width, height and stride before use.
 
 pub mod codec;
+pub mod decoder;
 pub mod frame;
 pub mod image;
 pub mod input;
+pub mod overlay;
+pub mod rate;
 pub mod source;
 pub mod stream;
 mod x11;
@@ -42,6 +51,7 @@ pub mod xvfb;
 pub use codec::{CodecError, EncodePipeline, EncodedFrame, H264Decoder, H264Encoder};
 pub use frame::{Frame, PixelFormat};
 pub use input::{ControlGate, Injector, InputAction, InputError, InputSink, XTestSink};
+pub use overlay::{IndicatorState, Overlay, OverlayError, OverlayOptions};
 pub use source::{CaptureConfig, CaptureError, ScreenSource, SyntheticSource};
 pub use stream::{ScreenStream, StreamHandle, StreamStats};
 pub use x11::X11Source;

@@ -63,6 +63,8 @@ impl Joined {
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub participant_id: u64,
+    /// What its token says it is (viewer or supervisor, for a host).
+    pub role: Role,
     /// The X25519 key its coordinator-signed token carries. A participant that comes
     /// back after a relay move must present the same one.
     pub public_key: [u8; 32],
@@ -80,11 +82,12 @@ impl Peer {
     }
 }
 
-/// Verifies a peer token (signature, expiry, session, role) and derives the keys.
+/// Verifies a peer token (signature, expiry, session, one of `expect` roles) and
+/// derives the keys.
 pub fn accept_peer(
     token_bytes: &[u8],
     joined: &Joined,
-    expect_role: Role,
+    expect: &[Role],
     me: &Keypair,
     my_side: Side,
 ) -> Result<Peer, AgentError> {
@@ -96,11 +99,12 @@ pub fn accept_peer(
     .map_err(AgentError::PeerToken)?;
     claims
         .expect_session(&joined.session_id)
-        .and_then(|()| claims.expect_role(&[expect_role]))
+        .and_then(|()| claims.expect_role(expect))
         .map_err(AgentError::PeerToken)?;
     let keys = SessionKeys::derive(me, my_side, &claims.public_key, &joined.session_id)?;
     Ok(Peer {
         participant_id: claims.participant_id,
+        role: claims.role,
         public_key: claims.public_key,
         keys,
     })
@@ -176,8 +180,9 @@ mod tests {
         let vj = joined(&viewer, Role::Viewer, Mode::Control);
         let vt = token(Role::Viewer, 2, viewer.public_bytes(), Mode::Control);
         let ht = token(Role::Host, 1, host.public_bytes(), Mode::Control);
-        let at_host = accept_peer(&vt, &hj, Role::Viewer, &host, Side::Host).expect("viewer ok");
-        let at_viewer = accept_peer(&ht, &vj, Role::Host, &viewer, Side::Viewer).expect("host ok");
+        let at_host = accept_peer(&vt, &hj, &[Role::Viewer], &host, Side::Host).expect("viewer ok");
+        let at_viewer =
+            accept_peer(&ht, &vj, &[Role::Host], &viewer, Side::Viewer).expect("host ok");
         assert_eq!(at_host.participant_id, 2);
         assert_eq!(at_host.sas(), at_viewer.sas());
     }
@@ -190,7 +195,7 @@ mod tests {
         // A second host token is not a viewer.
         let t = token(Role::Host, 5, other.public_bytes(), Mode::Control);
         assert!(matches!(
-            accept_peer(&t, &hj, Role::Viewer, &host, Side::Host),
+            accept_peer(&t, &hj, &[Role::Viewer], &host, Side::Host),
             Err(AgentError::PeerToken(token::TokenError::WrongRole { .. }))
         ));
         // Signed by someone else: a relay cannot mint a key of its own choosing.
@@ -198,7 +203,7 @@ mod tests {
         let n = forged.len();
         forged[n - 70] ^= 1;
         assert!(matches!(
-            accept_peer(&forged, &hj, Role::Viewer, &host, Side::Host),
+            accept_peer(&forged, &hj, &[Role::Viewer], &host, Side::Host),
             Err(AgentError::PeerToken(_))
         ));
     }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::conduit::{Conduit, Via};
-use crate::crypto::{Keypair, Side};
+use crate::crypto::{GroupKey, Keypair, Side};
 use crate::error::{AgentError, connect_coordinator};
 use crate::host::{ACK_INTERVAL, Counters, Follow, RETRANSMIT_AFTER, now_ms, reason_of};
 use crate::link::{LinkError, LinkReceiver, RelayLink};
@@ -28,9 +28,13 @@ use crate::resume::{Failure, Moved, Resumer};
 mod files;
 #[cfg(feature = "media")]
 mod png;
+#[cfg(feature = "media")]
+pub mod window;
 
 #[cfg(feature = "media")]
 pub use png::{PngOutput, PngOutputError};
+#[cfg(feature = "media")]
+pub use window::{Status as WindowStatus, ViewerWindow, WindowError, WindowEvent};
 
 const EVENT_QUEUE: usize = 1024;
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
@@ -40,6 +44,12 @@ pub struct ViewerConfig {
     /// Permissions to ask the customer for as soon as the host is verified, with a note.
     /// The host asks for VIEW by itself.
     pub request_on_join: Option<(Permissions, String)>,
+    /// Join as a supervisor: watch only, once the customer admits this viewer. A
+    /// supervisor sends nothing to the customer (no requests, input, chat or files).
+    pub supervisor: bool,
+    /// Join as a recorder: like a supervisor, but admitted by the customer's RECORDING
+    /// grant (the session must allow recording). Not together with `supervisor`.
+    pub recorder: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +58,9 @@ pub enum ViewerEvent {
     PeerJoined {
         sas: String,
     },
+    /// A supervisor's (or recorder's) first group key arrived: the customer let it
+    /// watch (or record).
+    Admitted,
     Screen {
         frame: pb::ScreenFrame,
         seq: u64,
@@ -110,6 +123,10 @@ struct State {
     /// The host, once verified. Kept when it leaves: after a relay move it comes back
     /// with the same key, and what is sent meanwhile waits for it.
     host: Option<Peer>,
+    /// The key screen frames are sealed with, and the one before it (frames already on
+    /// their way when the host replaced it).
+    group: Option<GroupKey>,
+    previous_group: Option<GroupKey>,
     ended: bool,
 }
 
@@ -120,6 +137,9 @@ struct Shared {
     /// This participant's newest token (each resume brings a fresh one).
     token: Mutex<Vec<u8>>,
     undecryptable: AtomicU64,
+    /// Frames the host sealed for another viewer (its group key envelope, or what
+    /// the host tells the operator while this is a supervisor).
+    foreign: AtomicU64,
     unread_screens: AtomicU64,
     counters: Counters,
     /// This viewer's files on their way to the host.
@@ -172,11 +192,18 @@ impl Viewer {
                 session_id: session_id.to_owned(),
                 operator_ticket: ticket.to_owned(),
                 public_key: me.public_bytes().to_vec(),
+                supervisor: config.supervisor,
+                recorder: config.recorder,
             })
             .await
             .map_err(|s| AgentError::rpc("JoinAsOperator", s))?
             .into_inner();
-        let joined = Joined::from_response("JoinAsOperator", resp, &me, Role::Viewer)?;
+        let role = match (config.supervisor, config.recorder) {
+            (_, true) => Role::Recorder,
+            (true, false) => Role::Supervisor,
+            (false, false) => Role::Viewer,
+        };
+        let joined = Joined::from_response("JoinAsOperator", resp, &me, role)?;
         let (link, welcome) =
             RelayLink::connect(&joined.relay, &joined.token, &joined.session_id).await?;
         info!(session = %joined.session_id, participant = welcome.participant_id, "viewer attached");
@@ -198,7 +225,8 @@ impl Viewer {
         let participant_id = link.participant_id();
         let (tx, rx) = link.into_parts();
         let mode = joined.claims.mode;
-        let conduit = Arc::new(Conduit::new(tx, Role::Viewer, mode));
+        let role = joined.claims.role;
+        let conduit = Arc::new(Conduit::new(tx, role, mode));
         let relay_id = joined.relay.relay_id.clone();
         let shared = Arc::new(Shared {
             token: Mutex::new(joined.token.clone()),
@@ -210,9 +238,12 @@ impl Viewer {
                     .permissions(),
                 paused: Permissions::from_bits(welcome.granted).is_some_and(Permissions::is_paused),
                 host: None,
+                group: None,
+                previous_group: None,
                 ended: false,
             }),
             undecryptable: AtomicU64::new(0),
+            foreign: AtomicU64::new(0),
             unread_screens: AtomicU64::new(0),
             counters: Counters::default(),
             outgoing: crate::files::Outgoing::default(),
@@ -224,8 +255,9 @@ impl Viewer {
             me,
             conduit: conduit.clone(),
             events: events_tx,
-            request_on_join: config.request_on_join,
-            resumer: Resumer::new(coordinator, Role::Viewer),
+            // A supervisor asks for nothing: the customer is asked about it instead.
+            request_on_join: config.request_on_join.filter(|_| role == Role::Viewer),
+            resumer: Resumer::new(coordinator, role),
             relay_id,
             tracker: RecvTracker::default(),
             follow: None,
@@ -277,6 +309,21 @@ impl Viewer {
     }
 
     /// Frames from the host that failed to decrypt (counted, never fatal).
+    /// Frames the host sealed for another viewer and this one skipped.
+    pub fn frames_for_others(&self) -> u64 {
+        self.shared.foreign.load(Ordering::Relaxed)
+    }
+
+    /// Whether this viewer joined as a supervisor (watch only).
+    pub fn is_supervisor(&self) -> bool {
+        self.shared.joined.claims.role == Role::Supervisor
+    }
+
+    /// Whether this viewer joined as a recorder.
+    pub fn is_recorder(&self) -> bool {
+        self.shared.joined.claims.role == Role::Recorder
+    }
+
     pub fn undecryptable_frames(&self) -> u64 {
         self.shared.undecryptable.load(Ordering::Relaxed)
     }
@@ -318,6 +365,14 @@ impl Viewer {
         &mut self.events
     }
 
+    /// The host, for what only the operator may send (a supervisor only watches).
+    fn talk_to_host(&self) -> Result<Peer, AgentError> {
+        if self.shared.joined.claims.role != Role::Viewer {
+            return Err(AgentError::WatchOnly);
+        }
+        self.host_peer()
+    }
+
     fn host_peer(&self) -> Result<Peer, AgentError> {
         let state = self.shared.state();
         if state.ended {
@@ -332,7 +387,7 @@ impl Viewer {
         perms: Permissions,
         note: &str,
     ) -> Result<(), AgentError> {
-        let peer = self.host_peer()?;
+        let peer = self.talk_to_host()?;
         send_request(&self.conduit, &peer, perms, note).await
     }
 
@@ -341,7 +396,7 @@ impl Viewer {
     pub async fn send_input(&self, event: pb::InputEvent) -> Result<bool, AgentError> {
         if may_forward(
             Channel::Input,
-            Role::Viewer,
+            self.shared.joined.claims.role,
             self.shared.mode,
             self.granted(),
         )
@@ -375,7 +430,7 @@ impl Viewer {
     }
 
     pub async fn send_chat(&self, text: &str) -> Result<(), AgentError> {
-        let peer = self.host_peer()?;
+        let peer = self.talk_to_host()?;
         let msg = pb::ChatMessage {
             text: text.to_owned(),
             sent_at_unix_ms: now_ms(),
@@ -395,7 +450,7 @@ impl Viewer {
     pub async fn send_pointer(&self, hint: pb::PointerHint) -> Result<bool, AgentError> {
         if may_forward(
             Channel::Pointer,
-            Role::Viewer,
+            self.shared.joined.claims.role,
             self.shared.mode,
             self.granted(),
         )
@@ -421,7 +476,7 @@ impl Viewer {
     /// revoke stops it between two chunks (and the relay refuses the rest).
     pub async fn send_file(&self, name: &str, data: &[u8]) -> Result<(), crate::files::FileError> {
         let peer = self
-            .host_peer()
+            .talk_to_host()
             .map_err(|_| crate::files::FileError::Ended)?;
         let shared = self.shared.clone();
         crate::files::send_file(
@@ -470,7 +525,7 @@ impl Viewer {
         if !self.granted().contains(Permissions::VIEW) {
             return Ok(false);
         }
-        let peer = self.host_peer()?;
+        let peer = self.talk_to_host()?;
         let msg = pb::ControlMessage {
             kind: Some(pb::control_message::Kind::KeyDisplay(pb::KeyDisplay {
                 keys: keys.iter().map(|k| (*k).to_owned()).collect(),
@@ -838,7 +893,7 @@ impl Driver {
         let peer = match peer::accept_peer(
             token,
             &self.shared.joined,
-            Role::Host,
+            &[Role::Host],
             &self.me,
             Side::Viewer,
         ) {
@@ -906,12 +961,25 @@ impl Driver {
             );
             return;
         };
-        let plaintext = match host.open(&frame) {
-            Ok(p) => p,
-            Err(e) => {
-                let n = self.shared.undecryptable.fetch_add(1, Ordering::Relaxed) + 1;
-                warn!(error = %e, total = n, "frame from the host does not decrypt; dropped");
-                return;
+        let plaintext = if channel == Channel::Screen {
+            match self.open_screen(&host, &frame).await {
+                Some(p) => p,
+                None => return,
+            }
+        } else {
+            match host.open(&frame) {
+                Ok(p) => p,
+                Err(e) if self.shared.joined.claims.role != Role::Viewer => {
+                    // What the customer exchanges with the operator: not for a supervisor.
+                    self.shared.foreign.fetch_add(1, Ordering::Relaxed);
+                    debug!(error = %e, "frame for the operator; ignored");
+                    return;
+                }
+                Err(e) => {
+                    let n = self.shared.undecryptable.fetch_add(1, Ordering::Relaxed) + 1;
+                    warn!(error = %e, total = n, "frame from the host does not decrypt; dropped");
+                    return;
+                }
             }
         };
         if channel == Channel::Ack {
@@ -1039,6 +1107,56 @@ impl Driver {
             Ok(ev) => self.emit(ev).await,
             Err(e) => warn!(error = %e, "dropped an undecodable frame"),
         }
+    }
+
+    /// Opens a screen frame: a picture under the group key (or, from a host that sealed
+    /// it for this viewer alone, under the pairwise key), or the group key itself,
+    /// which is installed. `None` when there is no picture to show.
+    async fn open_screen(&mut self, host: &Peer, frame: &Frame) -> Option<Vec<u8>> {
+        let held: Vec<GroupKey> = {
+            let st = self.shared.state();
+            st.group
+                .iter()
+                .chain(st.previous_group.iter())
+                .cloned()
+                .collect()
+        };
+        if let Some(p) = held.iter().find_map(|g| g.keys().open(frame).ok()) {
+            return Some(p);
+        }
+        let plaintext = match host.open(frame) {
+            Ok(p) => p,
+            Err(e) => {
+                // Another viewer's envelope, or a picture under a key this viewer was
+                // not (yet) given.
+                self.shared.foreign.fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, "screen frame not sealed for this viewer; skipped");
+                return None;
+            }
+        };
+        let Some(key) = pb::ScreenFrame::decode(plaintext.as_slice())
+            .ok()
+            .and_then(|f| f.group_key)
+        else {
+            return Some(plaintext);
+        };
+        let Some(key) = GroupKey::from_pb(&key) else {
+            warn!("the host sent a group key that is not 32 bytes; ignored");
+            return None;
+        };
+        let first = {
+            let mut st = self.shared.state();
+            if st.group.as_ref().map(GroupKey::epoch) == Some(key.epoch()) {
+                return None;
+            }
+            debug!(epoch = key.epoch(), "new group key");
+            st.previous_group = st.group.replace(key);
+            st.previous_group.is_none()
+        };
+        if first && self.shared.joined.claims.role != Role::Viewer {
+            self.emit(ViewerEvent::Admitted).await;
+        }
+        None
     }
 
     async fn end(&mut self, reason: pb::EndReason, detail: String) {

@@ -128,6 +128,8 @@ async fn host_and_viewer_end_to_end() -> Result<()> {
         Mode::Control,
         ViewerConfig {
             request_on_join: Some((Permissions::CONTROL, "to fix the printer".into())),
+            supervisor: false,
+            recorder: false,
         },
     )
     .await?;
@@ -160,6 +162,7 @@ async fn host_and_viewer_end_to_end() -> Result<()> {
         height: 2,
         key_frame: true,
         data: vec![1, 2, 3],
+        group_key: None,
     };
     assert!(!host.send_screen(frame.clone()).await?);
 
@@ -198,7 +201,8 @@ async fn host_and_viewer_end_to_end() -> Result<()> {
     })
     .await?;
     assert_eq!(got, frame);
-    assert_eq!(seq, 1);
+    // Sequence number 1 carried the group key, sealed for this viewer alone.
+    assert_eq!(seq, 2);
 
     // The viewer's own request for CONTROL comes second.
     let (asked, note) = host_until(&mut host, &mut seen, |e| match e {
@@ -273,6 +277,8 @@ async fn view_only_session_never_grants_or_obeys_control() -> Result<()> {
         Mode::View,
         ViewerConfig {
             request_on_join: Some((Permissions::CONTROL, String::new())),
+            supervisor: false,
+            recorder: false,
         },
     )
     .await?;
@@ -395,6 +401,8 @@ async fn scripted_host_streams_a_synthetic_screen_until_hung_up() -> Result<()> 
         Mode::Control,
         ViewerConfig {
             request_on_join: Some((Permissions::CONTROL, String::new())),
+            supervisor: false,
+            recorder: false,
         },
     )
     .await?;
@@ -412,8 +420,13 @@ async fn scripted_host_streams_a_synthetic_screen_until_hung_up() -> Result<()> 
     // The first frame a viewer sees is a key frame; then one every five.
     assert!(frames[0].0, "{frames:?}");
     assert!(frames.iter().all(|f| f.2 == 1000));
-    let seqs: Vec<u64> = frames.iter().map(|f| f.1).collect();
-    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    // Consecutive, but for the group key that goes before each key frame (one viewer).
+    assert!(
+        frames
+            .windows(2)
+            .all(|w| w[1].1 == w[0].1 + 1 + u64::from(w[1].0)),
+        "{frames:?}"
+    );
     assert!(frames.iter().filter(|f| f.0).count() >= 2, "{frames:?}");
     // CONTROL was outside the scripted set: denied.
     assert_eq!(viewer.granted(), Permissions::VIEW);
@@ -451,7 +464,7 @@ async fn viewer_counts_frames_that_do_not_decrypt_and_carries_on() -> Result<()>
     .await?;
     let payload = [0x5a; 40];
     let header = kakehashi_proto::FrameHeader::new(
-        Channel::Screen,
+        Channel::Chat,
         0,
         1,
         kakehashi_proto::unix_now_us(),
@@ -468,6 +481,24 @@ async fn viewer_counts_frames_that_do_not_decrypt_and_carries_on() -> Result<()>
     .context("viewer never counted the bad frame")?;
     // Still alive and usable.
     viewer.send_chat("still here").await?;
+    assert_eq!(viewer.undecryptable_frames(), 1);
+    // A screen frame it cannot open may be sealed for another viewer: skipped, counted
+    // apart.
+    let header = kakehashi_proto::FrameHeader::new(
+        Channel::Screen,
+        0,
+        1,
+        kakehashi_proto::unix_now_us(),
+        payload.len() as u32,
+    );
+    fake_host.send_frame(&Frame::new(header, &payload)).await?;
+    tokio::time::timeout(WAIT, async {
+        while viewer.frames_for_others() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .context("viewer never counted the screen frame it could not open")?;
     assert_eq!(viewer.undecryptable_frames(), 1);
     Ok(())
 }

@@ -13,6 +13,7 @@ use ed25519_dalek::SigningKey;
 
 use crate::backend::etcd::{EtcdDirectoryConfig, EtcdRelayDirectory};
 use crate::leader::LeaderConfig;
+use crate::tenants::{self, TenantPolicies, TenantPolicy, TenantPolicyError};
 use crate::{
     Backends, Coordinator, CoordinatorConfig, RelayInfo, config::validate_relay,
     generate_signing_key,
@@ -64,6 +65,25 @@ pub struct Args {
         default_value_t = 14_400
     )]
     pub max_max_duration_secs: u64,
+
+    /// A tenant's own session limits, repeated: `TENANT:max=2400,default=1800`, in seconds
+    /// or with a unit (`40m`, `2h`); either key may be left out and falls back to the
+    /// cluster's. Requests for longer than the tenant's max are cut to it. Several in the
+    /// environment variable are separated by `;`.
+    #[arg(
+        long = "tenant-policy",
+        value_name = "TENANT:max=SECS,default=SECS",
+        env = "KAKEHASHI_TENANT_POLICIES",
+        value_delimiter = ';',
+        value_parser = parse_tenant_policy
+    )]
+    pub tenant_policies: Vec<(String, TenantPolicy)>,
+
+    /// JSON file of tenant limits, read at start:
+    /// `[{"tenant": "acme", "maxSeconds": 2400, "defaultSeconds": "30m"}]`. Merged with
+    /// `--tenant-policy`; a tenant in both is an error.
+    #[arg(long, env = "KAKEHASHI_TENANT_POLICY_FILE")]
+    pub tenant_policy_file: Option<PathBuf>,
 
     /// etcd client URLs, comma separated. When set, relays are found in etcd (they
     /// register themselves) and this replica joins the leader election; `--relay` is
@@ -124,6 +144,27 @@ pub struct Args {
     /// hits one with probability at most 1 / this.
     #[arg(long, env = "KAKEHASHI_CODE_DENSITY", default_value_t = crate::backend::codes::DEFAULT_DENSITY)]
     pub code_density: u64,
+
+    /// How SessionService and AdminService callers authenticate: `api-keys` (every call
+    /// carries `authorization: Bearer kh_<key_id>_<secret>`; the production mode) or
+    /// `disabled` (everyone is a cluster admin; for a laptop only, logged loudly).
+    #[arg(long, env = "KAKEHASHI_AUTH", default_value = "disabled")]
+    pub auth: crate::auth::AuthMode,
+
+    /// File holding the cluster-admin API key (`kh_<16 hex>_<64 hex>`), which may manage
+    /// every tenant's keys and policies. Make one with
+    /// `printf 'kh_%s_%s\n' $(openssl rand -hex 8) $(openssl rand -hex 32)`.
+    #[arg(
+        long,
+        env = "KAKEHASHI_BOOTSTRAP_ADMIN_KEY_FILE",
+        conflicts_with = "bootstrap_admin_key"
+    )]
+    pub bootstrap_admin_key_file: Option<PathBuf>,
+
+    /// The cluster-admin API key itself; prefer the environment variable (or the file)
+    /// to a flag, which other users can read from the process list.
+    #[arg(long, env = "KAKEHASHI_BOOTSTRAP_ADMIN_KEY", hide_env_values = true)]
+    pub bootstrap_admin_key: Option<String>,
 }
 
 /// Parses one `--relay` value into a relay entry, naming the field that is wrong.
@@ -167,6 +208,21 @@ fn parse_relay(spec: &str) -> Result<RelayInfo, String> {
     Ok(relay)
 }
 
+fn parse_tenant_policy(spec: &str) -> Result<(String, TenantPolicy), TenantPolicyError> {
+    tenants::parse_spec(spec.trim())
+}
+
+/// A key file's text, at most 4 KiB.
+fn read_small_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(4097)
+        .read_to_string(&mut text)?;
+    anyhow::ensure!(text.len() <= 4096, "larger than 4096 bytes");
+    Ok(text)
+}
+
 fn load_signing_key(path: &PathBuf) -> Result<SigningKey> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading signing key file {}", path.display()))?;
@@ -181,6 +237,36 @@ fn load_signing_key(path: &PathBuf) -> Result<SigningKey> {
 }
 
 impl Args {
+    /// The auth mode and the cluster-admin key, read and checked.
+    fn auth_config(&self) -> Result<crate::auth::AuthConfig> {
+        use crate::auth::{AuthConfig, AuthMode, BootstrapKey};
+        let text =
+            match (&self.bootstrap_admin_key_file, &self.bootstrap_admin_key) {
+                (Some(path), _) => Some(read_small_file(path).with_context(|| {
+                    format!("reading bootstrap admin key file {}", path.display())
+                })?),
+                (None, Some(key)) => Some(key.clone()),
+                (None, None) => None,
+            };
+        let bootstrap_admin = text
+            .map(|t| BootstrapKey::parse(&t))
+            .transpose()
+            .context("the bootstrap admin key (expected kh_<16 hex>_<64 hex>)")?;
+        match self.auth {
+            AuthMode::Disabled => tracing::warn!(
+                "AUTH IS DISABLED (--auth disabled): every SessionService/AdminService caller is a cluster admin of every tenant; use --auth api-keys outside a laptop"
+            ),
+            AuthMode::ApiKeys if bootstrap_admin.is_none() => tracing::warn!(
+                "--auth api-keys without --bootstrap-admin-key-file: only keys already in the store can call; no one can create the first key of a tenant"
+            ),
+            AuthMode::ApiKeys => tracing::info!("API-key authentication on"),
+        }
+        Ok(AuthConfig {
+            mode: self.auth,
+            bootstrap_admin,
+        })
+    }
+
     /// etcd endpoints given, trimmed, empty ones dropped.
     fn etcd(&self) -> Vec<String> {
         self.etcd_endpoints
@@ -190,8 +276,25 @@ impl Args {
             .collect()
     }
 
+    /// The tenant policies of `--tenant-policy` and `--tenant-policy-file` together.
+    /// Their limits are checked against the cluster's by `CoordinatorConfig::validate`.
+    fn tenants(&self) -> Result<TenantPolicies> {
+        let mut tenants = TenantPolicies::new();
+        for (tenant, policy) in &self.tenant_policies {
+            tenants.insert(tenant.clone(), *policy)?;
+        }
+        if let Some(path) = &self.tenant_policy_file {
+            tenants.merge(TenantPolicies::load_file(path)?)?;
+        }
+        Ok(tenants)
+    }
+
     /// The coordinator configuration and backends these flags describe.
     pub fn build(&self) -> Result<(CoordinatorConfig, Backends)> {
+        let tenants = self.tenants()?;
+        if !tenants.is_empty() {
+            tracing::info!(tenants = tenants.len(), "per-tenant session limits");
+        }
         let signing_key = match &self.signing_key_file {
             Some(path) => load_signing_key(path)?,
             None => {
@@ -212,8 +315,10 @@ impl Args {
             code_ttl: Duration::from_secs(self.code_ttl_secs),
             default_max_duration: Duration::from_secs(self.default_max_duration_secs),
             max_max_duration: Duration::from_secs(self.max_max_duration_secs),
+            tenants,
             relays: self.relays.clone(),
             leader: None,
+            auth: self.auth_config()?,
         };
         let mut backends = Backends::in_memory(self.relays.clone());
         if etcd.is_empty() {
@@ -276,12 +381,13 @@ impl Args {
         let in_redis = redis::backends(&config, Vec::new())
             .await
             .with_context(|| format!("connecting to Redis ({:?})", config.target))?;
-        // Only these four move to Redis; relay membership stays where `build` put it.
+        // These move to Redis; relay membership stays where `build` put it.
         backends.codes = in_redis.codes;
         backends.sessions = in_redis.sessions;
         backends.events = in_redis.events;
         backends.limiter = in_redis.limiter;
-        tracing::info!(target = ?config.target, namespace = %config.namespace, "codes, sessions, events and guess limits in Redis");
+        backends.auth = in_redis.auth;
+        tracing::info!(target = ?config.target, namespace = %config.namespace, "codes, sessions, events, guess limits, API keys and tenant policies in Redis");
         Ok(backends)
     }
 }
@@ -359,6 +465,34 @@ mod tests {
     }
 
     #[test]
+    fn auth_flags_build_the_auth_config() -> Result<()> {
+        use crate::auth::AuthMode;
+        let key = format!("kh_{}_{}", "a1".repeat(8), "b2".repeat(32));
+        let args = Args::try_parse_from([
+            "coordinator",
+            "--auth",
+            "api-keys",
+            "--bootstrap-admin-key",
+            key.as_str(),
+        ])?;
+        let auth = args.auth_config()?;
+        assert_eq!(auth.mode, AuthMode::ApiKeys);
+        assert_eq!(auth.bootstrap_admin.map(|k| k.key_id), Some("a1".repeat(8)));
+        assert!(
+            Args::try_parse_from(["coordinator", "--auth", "maybe"]).is_err(),
+            "an unknown mode is refused"
+        );
+        let bad = Args::try_parse_from(["coordinator", "--bootstrap-admin-key", "kh_nope"])?;
+        let e = bad.auth_config().expect_err("malformed bootstrap key");
+        assert!(format!("{e:#}").contains("bootstrap admin key"), "{e:#}");
+        assert!(
+            !format!("{e:#}").contains("nope"),
+            "never echoes the key: {e:#}"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn signing_key_file_is_hex_seed() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("kakehashi-coord-key-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -390,6 +524,74 @@ mod tests {
         assert_eq!(args.relays.len(), 2);
         assert_eq!(args.code_digits, 8);
         assert_eq!(args.listen, "127.0.0.1:7700".parse().expect("addr"));
+    }
+
+    #[test]
+    fn tenant_policies_from_flags_env_syntax_and_file() -> Result<()> {
+        let dir =
+            std::env::temp_dir().join(format!("kakehashi-coord-tenants-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("tenants.json");
+        std::fs::write(&file, r#"[{"tenant": "globex", "maxSeconds": "2h"}]"#)?;
+        let file_arg = file.display().to_string();
+        let args = Args::try_parse_from([
+            "kakehashi-coordinator",
+            "--tenant-policy",
+            "acme:max=40m,default=1800",
+            "--tenant-policy",
+            "initech:default=10m;umbrella:max=600",
+            "--tenant-policy-file",
+            &file_arg,
+        ])
+        .expect("valid args");
+        let (config, _) = args.build()?;
+        config.validate()?;
+        let t = &config.tenants;
+        assert_eq!(t.len(), 4);
+        let acme = t.get("acme").context("acme")?;
+        assert_eq!(acme.max_duration, Some(Duration::from_secs(2400)));
+        assert_eq!(acme.default_max_duration, Some(Duration::from_secs(1800)));
+        assert!(t.get("initech").is_some() && t.get("umbrella").is_some());
+        assert_eq!(
+            t.get("globex").and_then(|p| p.max_duration),
+            Some(Duration::from_secs(7200))
+        );
+
+        // A flag that does not parse names the tenant and the field.
+        let err = Args::try_parse_from(["kakehashi-coordinator", "--tenant-policy", "acme:max=x"])
+            .expect_err("bad duration");
+        let msg = err.to_string();
+        assert!(msg.contains("\"acme\"") && msg.contains("max"), "{msg}");
+
+        // The same tenant in a flag and in the file is refused.
+        let twice = Args::try_parse_from([
+            "kakehashi-coordinator",
+            "--tenant-policy",
+            "globex:max=1h",
+            "--tenant-policy-file",
+            &file_arg,
+        ])
+        .expect("parses");
+        let err = twice.build().err().context("duplicate tenant")?;
+        assert!(format!("{err:#}").contains("more than one"), "{err:#}");
+
+        // A tenant maximum above the cluster's is refused at start.
+        let over = Args::try_parse_from([
+            "kakehashi-coordinator",
+            "--max-max-duration-secs",
+            "3600",
+            "--tenant-policy",
+            "acme:max=2h",
+        ])
+        .expect("parses");
+        let (config, _) = over.build()?;
+        let err = config.validate().expect_err("over the cluster maximum");
+        assert!(
+            err.to_string().contains("\"acme\"") && err.to_string().contains("cluster maximum"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
     }
 
     #[tokio::test]

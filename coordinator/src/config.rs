@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 
+use crate::auth::{AuthConfig, AuthStore, InMemoryAuthStore};
 use crate::backend::codes::{CodeStore, InMemoryCodeStore, MAX_CODE_DIGITS, MIN_CODE_DIGITS};
 use crate::backend::events::{EventBus, InMemoryEventBus};
 use crate::backend::relays::{RelayDirectory, RelayInfo, StaticRelayDirectory};
@@ -13,6 +14,7 @@ use crate::backend::sessions::{InMemorySessionStore, SessionStore};
 use crate::error::StartError;
 use crate::limiter::{GuessLimiter, InMemoryGuessLimiter};
 use crate::random::{self, RandomError};
+use crate::tenants::TenantPolicies;
 
 /// Everything a coordinator needs to run. Build it directly in tests; `main.rs` fills it
 /// from flags.
@@ -24,13 +26,19 @@ pub struct CoordinatorConfig {
     pub signing_key: SigningKey,
     pub code_digits: usize,
     pub code_ttl: Duration,
+    /// A session's duration when neither its request nor its tenant's policy sets one.
     pub default_max_duration: Duration,
+    /// The longest session of any tenant; every tenant's maximum is at most this.
     pub max_max_duration: Duration,
+    /// Per-tenant overrides of the two durations above, set by the cluster's operator.
+    pub tenants: TenantPolicies,
     /// The configured relays, checked at start. The in-memory directory is built from
     /// the same list (`Backends::in_memory(config.relays.clone())`).
     pub relays: Vec<RelayInfo>,
     /// Take part in the etcd leader election (cluster-wide chores); `None` without etcd.
     pub leader: Option<crate::leader::LeaderConfig>,
+    /// Who may call `SessionService` and `AdminService`; disabled in `dev`.
+    pub auth: AuthConfig,
 }
 
 impl std::fmt::Debug for CoordinatorConfig {
@@ -47,8 +55,10 @@ impl std::fmt::Debug for CoordinatorConfig {
             .field("code_ttl", &self.code_ttl)
             .field("default_max_duration", &self.default_max_duration)
             .field("max_max_duration", &self.max_max_duration)
+            .field("tenants", &self.tenants)
             .field("relays", &self.relays)
             .field("leader", &self.leader)
+            .field("auth", &self.auth)
             .finish()
     }
 }
@@ -60,7 +70,8 @@ pub fn generate_signing_key() -> Result<SigningKey, RandomError> {
 
 impl CoordinatorConfig {
     /// A laptop configuration: 127.0.0.1:0, a fresh random signing key, 6-digit codes
-    /// live for 10 minutes, 40-minute sessions by default, 4 hours at most.
+    /// live for 10 minutes, 40-minute sessions by default, 4 hours at most, no tenant
+    /// policies.
     ///
     /// # Panics
     /// If the operating system has no randomness to give, which leaves nothing to do.
@@ -75,8 +86,10 @@ impl CoordinatorConfig {
             code_ttl: Duration::from_secs(10 * 60),
             default_max_duration: Duration::from_secs(40 * 60),
             max_max_duration: Duration::from_secs(4 * 3600),
+            tenants: TenantPolicies::new(),
             relays,
             leader: None,
+            auth: AuthConfig::default(),
         }
     }
 
@@ -101,6 +114,9 @@ impl CoordinatorConfig {
                 self.default_max_duration, self.max_max_duration
             ));
         }
+        self.tenants
+            .validate(self.max_max_duration)
+            .map_err(|e| StartError::Config(e.to_string()))?;
         for r in &self.relays {
             validate_relay(r).map_err(StartError::Config)?;
         }
@@ -141,6 +157,8 @@ pub struct Backends {
     pub relays: Arc<dyn RelayDirectory>,
     /// Guess limits on JoinByCode; shared by replicas when it lives in Redis.
     pub limiter: Arc<dyn GuessLimiter>,
+    /// API keys and tenant policies set through `AdminService`.
+    pub auth: Arc<dyn AuthStore>,
 }
 
 impl Backends {
@@ -152,6 +170,7 @@ impl Backends {
             events: Arc::new(InMemoryEventBus::new()),
             relays: Arc::new(StaticRelayDirectory::new(relays)),
             limiter: Arc::new(InMemoryGuessLimiter::default()),
+            auth: Arc::new(InMemoryAuthStore::new()),
         }
     }
 }

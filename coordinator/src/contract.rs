@@ -430,6 +430,249 @@ pub async fn run_all(backends: &Backends) {
     event_bus_orders_replays_and_follows(backends.events.as_ref()).await;
     relay_directory_places_least_loaded(backends.relays.as_ref()).await;
     relay_directory_respects_avoid(backends.relays.as_ref()).await;
+    auth_store_keys_insert_get_revoke_list(backends.auth.as_ref()).await;
+    auth_store_policies_replace(backends.auth.as_ref()).await;
+    auth_store_devices_and_pending_sessions(backends.auth.as_ref()).await;
+}
+
+/// Keys insert once (a second insert of the same id changes nothing), read back whole,
+/// revoke once (the first revocation time stays), and list per tenant, oldest first,
+/// revoked ones included, bounded by the limit.
+pub async fn auth_store_keys_insert_get_revoke_list(store: &dyn crate::auth::AuthStore) {
+    use crate::auth::{Role, new_key};
+    let tenant = fresh_tenant();
+    let other = fresh_tenant();
+    let a = new_key(
+        tenant.clone(),
+        Role::Operator,
+        "alice".into(),
+        vec!["tier1".into(), "night shift".into()],
+        1_000,
+    )
+    .expect("randomness")
+    .record;
+    let b = new_key(tenant.clone(), Role::Auditor, "bob".into(), vec![], 2_000)
+        .expect("randomness")
+        .record;
+    let c = new_key(other.clone(), Role::Admin, "carol".into(), vec![], 1_500)
+        .expect("randomness")
+        .record;
+    for k in [&a, &b, &c] {
+        assert!(
+            store.insert_key(k.clone()).await.expect("insert"),
+            "fresh id"
+        );
+    }
+    let mut clash = a.clone();
+    clash.tenant = other.clone();
+    assert!(
+        !store.insert_key(clash).await.expect("insert again"),
+        "an existing id is not overwritten"
+    );
+    assert_eq!(
+        store.get_key(&a.key_id).await.expect("get"),
+        Some(a.clone())
+    );
+    assert_eq!(store.get_key("0123456789abcdef").await.expect("get"), None);
+
+    let listed = store.list_keys(&tenant, 100).await.expect("list");
+    assert_eq!(
+        listed,
+        vec![a.clone(), b.clone()],
+        "own tenant only, oldest first"
+    );
+    assert_eq!(store.list_keys(&tenant, 1).await.expect("list").len(), 1);
+    assert_eq!(store.list_keys(&other, 100).await.expect("list"), vec![c]);
+
+    let revoked = store
+        .revoke_key(&a.key_id, 5_000)
+        .await
+        .expect("revoke")
+        .expect("known key");
+    assert_eq!(revoked.revoked_at_ms, 5_000);
+    let again = store
+        .revoke_key(&a.key_id, 9_000)
+        .await
+        .expect("revoke again")
+        .expect("known key");
+    assert_eq!(
+        again.revoked_at_ms, 5_000,
+        "the first revocation time stays"
+    );
+    assert!(
+        store
+            .get_key(&a.key_id)
+            .await
+            .expect("get")
+            .expect("kept")
+            .is_revoked()
+    );
+    assert_eq!(
+        store
+            .revoke_key("fedcba9876543210", 1)
+            .await
+            .expect("revoke"),
+        None,
+        "unknown key"
+    );
+    assert_eq!(
+        store.list_keys(&tenant, 100).await.expect("list").len(),
+        2,
+        "revoked keys are still listed"
+    );
+}
+
+/// A tenant's policy reads back as set, a new one replaces it, tenants do not share.
+pub async fn auth_store_policies_replace(store: &dyn crate::auth::AuthStore) {
+    use crate::tenants::TenantSettings;
+    let tenant = fresh_tenant();
+    assert_eq!(store.get_policy(&tenant).await.expect("get"), None);
+    let first = TenantSettings {
+        max_duration_secs: Some(2400),
+        default_duration_secs: Some(600),
+        allowed_modes: vec![Mode::View as u8],
+        recording_enabled: true,
+        unattended_enabled: false,
+        monitoring_enabled: true,
+    };
+    store.set_policy(&tenant, first.clone()).await.expect("set");
+    assert_eq!(store.get_policy(&tenant).await.expect("get"), Some(first));
+    let second = TenantSettings::default();
+    store
+        .set_policy(&tenant, second.clone())
+        .await
+        .expect("set");
+    assert_eq!(store.get_policy(&tenant).await.expect("get"), Some(second));
+    assert_eq!(store.get_policy(&fresh_tenant()).await.expect("get"), None);
+}
+
+/// Devices put, read, list per tenant and remove; pending sessions are taken once, only
+/// by a poll newer than the last accepted one, without expired entries, at most
+/// `MAX_PENDING_PER_DEVICE` (the newest) kept.
+pub async fn auth_store_devices_and_pending_sessions(store: &dyn crate::auth::AuthStore) {
+    use crate::unattended::{DeviceRecord, MAX_PENDING_PER_DEVICE, PendingSession};
+    let tenant = fresh_tenant();
+    let other = fresh_tenant();
+    let device = |n: u8, tenant: &str| DeviceRecord {
+        device_id: format!("{}{n:02x}", &tenant_suffix(tenant)),
+        tenant: tenant.to_owned(),
+        name: format!("pc-{n}"),
+        public_key: [n; 32],
+        blocked: false,
+        allowed_operators: vec!["alice".into()],
+        denied_operators: vec![],
+        enrolled_at_ms: 1000 + i64::from(n),
+    };
+    let (a, b, c) = (device(1, &tenant), device(2, &tenant), device(3, &other));
+    assert_eq!(store.get_device(&a.device_id).await.expect("get"), None);
+    for d in [&b, &a, &c] {
+        store.put_device(d.clone()).await.expect("put");
+    }
+    assert_eq!(
+        store.get_device(&a.device_id).await.expect("get"),
+        Some(a.clone())
+    );
+    let mut blocked = a.clone();
+    blocked.blocked = true;
+    blocked.denied_operators = vec!["mallory".into()];
+    store.put_device(blocked.clone()).await.expect("replace");
+    assert_eq!(
+        store.list_devices(&tenant, 10).await.expect("list"),
+        vec![blocked.clone(), b.clone()]
+    );
+    assert_eq!(store.list_devices(&tenant, 1).await.expect("list").len(), 1);
+    assert_eq!(
+        store.list_devices(&other, 10).await.expect("list"),
+        vec![c.clone()]
+    );
+
+    let pending = |n: usize, expires_at_ms: i64| PendingSession {
+        session_id: format!("s{n}"),
+        code: format!("{n:07}"),
+        operator: "alice".into(),
+        mode: 2,
+        permissions: 3,
+        expires_at_ms,
+    };
+    let far = crate::service::now_ms() + 600_000;
+    store
+        .push_pending(&b.device_id, pending(1, far))
+        .await
+        .expect("push");
+    store
+        .push_pending(&b.device_id, pending(2, 1))
+        .await
+        .expect("push");
+    store
+        .push_pending(&b.device_id, pending(3, far))
+        .await
+        .expect("push");
+    let now = crate::service::now_ms();
+    let taken = store
+        .take_pending(&b.device_id, 5000, now)
+        .await
+        .expect("take");
+    assert_eq!(
+        taken,
+        Some(vec![pending(1, far), pending(3, far)]),
+        "expired entry dropped"
+    );
+    assert_eq!(
+        store
+            .take_pending(&b.device_id, 5000, now)
+            .await
+            .expect("take"),
+        None,
+        "the same timestamp again is a replay"
+    );
+    assert_eq!(
+        store
+            .take_pending(&b.device_id, 4999, now)
+            .await
+            .expect("take"),
+        None
+    );
+    assert_eq!(
+        store
+            .take_pending(&b.device_id, 5001, now)
+            .await
+            .expect("take"),
+        Some(vec![]),
+        "each session is handed out once"
+    );
+    for n in 0..MAX_PENDING_PER_DEVICE + 3 {
+        store
+            .push_pending(&b.device_id, pending(n, far))
+            .await
+            .expect("push");
+    }
+    let kept = store
+        .take_pending(&b.device_id, 6000, now)
+        .await
+        .expect("take")
+        .expect("fresh timestamp");
+    assert_eq!(kept.len(), MAX_PENDING_PER_DEVICE);
+    assert_eq!(kept[0], pending(3, far), "the oldest are pushed out");
+
+    assert_eq!(
+        store.remove_device(&b.device_id).await.expect("remove"),
+        Some(b.clone())
+    );
+    assert_eq!(store.get_device(&b.device_id).await.expect("get"), None);
+    assert_eq!(
+        store.remove_device(&b.device_id).await.expect("remove"),
+        None
+    );
+    assert_eq!(
+        store.list_devices(&tenant, 10).await.expect("list"),
+        vec![blocked]
+    );
+}
+
+/// 30 hex digits unique to the test tenant, so device ids of parallel runs differ.
+fn tenant_suffix(tenant: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(tenant.as_bytes()))[..30].to_owned()
 }
 
 #[cfg(test)]

@@ -24,7 +24,11 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Names of the services whose status is reported, besides the server's (`""`).
-pub const SERVICES: [&str; 2] = ["kakehashi.v1.SessionService", "kakehashi.v1.AgentService"];
+pub const SERVICES: [&str; 3] = [
+    "kakehashi.v1.SessionService",
+    "kakehashi.v1.AgentService",
+    "kakehashi.v1.AdminService",
+];
 
 /// The gauge that mirrors the probe: 1 while the backends answer, 0 otherwise.
 pub const BACKENDS_UP: &str = "coordinator_backends_up";

@@ -14,6 +14,11 @@
 //! - `service`: the shared core and the `SessionService` / `AgentService` impls.
 //! - `reaper`: ends sessions past their deadline or with an expired code, and purges
 //!   records and event logs an hour after a session ended.
+//! - [`tenants`]: per-tenant session limits set by the operator (`--tenant-policy`).
+//! - [`unattended`]: enrolled devices, the checks on a device session and the signed
+//!   `PollDevice` through which a device collects its sessions.
+//! - [`auth`]: API keys, roles and the `Authenticator` every `SessionService` and
+//!   `AdminService` call goes through; `service::admin` manages keys and tenant policies.
 //! - `validate`: pure input checks. [`limiter`]: the guess limits on `JoinByCode`
 //!   (per-source backoff, cluster-wide failure budget) behind the `GuessLimiter` trait.
 //! - [`error`]: [`ApiError`], classified once into gRPC status, message and metric label.
@@ -29,6 +34,7 @@
 //! - Operator tickets are stored only as SHA-256 digests.
 //! - Every task is owned by the [`CoordinatorHandle`]; `shutdown` waits for all of them.
 
+pub mod auth;
 pub mod backend;
 pub mod cli;
 pub mod config;
@@ -42,6 +48,8 @@ mod random;
 mod reaper;
 mod service;
 pub mod telemetry;
+pub mod tenants;
+pub mod unattended;
 mod validate;
 
 use std::net::SocketAddr;
@@ -54,6 +62,7 @@ use tokio_util::sync::CancellationToken;
 pub use backend::relays::RelayInfo;
 pub use config::{Backends, CoordinatorConfig, generate_signing_key};
 pub use error::{ApiError, StartError};
+pub use tenants::{TenantPolicies, TenantPolicy};
 
 /// Starts coordinators. See [`Coordinator::start`].
 pub struct Coordinator;
@@ -126,6 +135,9 @@ impl Coordinator {
             ))
             .add_service(pb::agent_service_server::AgentServiceServer::new(
                 service::agent::AgentApi::new(core.clone()),
+            ))
+            .add_service(pb::admin_service_server::AdminServiceServer::new(
+                service::admin::AdminApi::new(core.clone()),
             ));
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let stop = cancel.clone();

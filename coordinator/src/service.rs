@@ -4,6 +4,7 @@
 //! operation as a method returning [`ApiError`]; the tonic trait impls in `session` and
 //! `agent` only convert requests and classify errors.
 
+pub mod admin;
 pub mod agent;
 pub mod session;
 
@@ -328,6 +329,11 @@ impl EventNote {
         self.permissions = p;
         self
     }
+
+    pub fn detail(mut self, detail: String) -> Self {
+        self.detail = detail;
+        self
+    }
 }
 
 /// Who causes an event of this kind when the caller does not say.
@@ -335,14 +341,16 @@ pub fn default_actor(kind: pb::EventKind, record: &SessionRecord) -> pb::EventAc
     use pb::EventActor as A;
     use pb::EventKind as K;
     match kind {
-        K::Created => A::Api,
+        K::Created | K::UnattendedConnect => A::Api,
         K::CodeEntered
         | K::ConsentGiven
         | K::ConsentDenied
         | K::ConsentRevoked
         | K::Paused
         | K::Resumed
-        | K::FileTransfer => A::Customer,
+        | K::FileTransfer
+        | K::SupervisorAdmitted
+        | K::SupervisorRefused => A::Customer,
         K::OperatorJoined | K::PermissionRequested => A::Operator,
         K::RelayMigrated | K::TimeWarning | K::Unspecified => A::System,
         K::Ended => end_actor(record.end_reason),

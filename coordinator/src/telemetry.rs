@@ -65,6 +65,7 @@ pub fn describe() {
     use metrics::{Unit, describe_counter, describe_histogram};
     crate::limiter::describe();
     crate::health::describe();
+    crate::auth::describe();
     describe_counter!(SESSIONS_CREATED, Unit::Count, "Sessions created.");
     describe_counter!(
         SESSIONS_ENDED,

@@ -22,6 +22,7 @@ async fn metrics_endpoint_serves_coordinator_metrics() -> Result<()> {
     let mut client = SessionServiceClient::connect(handle.url()).await?;
     client
         .create_session(pb::CreateSessionRequest {
+            device_id: String::new(),
             tenant: "acme".into(),
             operator: "op".into(),
             mode: pb::SessionMode::View as i32,

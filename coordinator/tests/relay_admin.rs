@@ -59,6 +59,7 @@ async fn end_session_calls_the_relay_with_a_verifiable_coordinator_token() -> Re
     let mut sessions = SessionServiceClient::connect(handle.url()).await?;
     let created = sessions
         .create_session(pb::CreateSessionRequest {
+            device_id: String::new(),
             tenant: "acme".into(),
             operator: "op".into(),
             mode: pb::SessionMode::Control as i32,

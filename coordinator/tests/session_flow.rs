@@ -60,6 +60,7 @@ async fn start() -> Result<Cluster> {
 
 fn create_req(mode: pb::SessionMode) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
+        device_id: String::new(),
         tenant: "acme".into(),
         operator: "op-1".into(),
         mode: mode as i32,
@@ -157,6 +158,8 @@ async fn one_session_end_to_end() -> Result<()> {
             session_id: session.session_id.clone(),
             operator_ticket: "00".repeat(32),
             public_key: vec![2; 32],
+            supervisor: false,
+            recorder: false,
         })
         .await
         .expect_err("wrong ticket");
@@ -167,6 +170,8 @@ async fn one_session_end_to_end() -> Result<()> {
             session_id: session.session_id.clone(),
             operator_ticket: created.operator_ticket.clone(),
             public_key: vec![2; 32],
+            supervisor: false,
+            recorder: false,
         })
         .await?
         .into_inner();
@@ -269,6 +274,8 @@ async fn one_session_end_to_end() -> Result<()> {
             session_id: session.session_id.clone(),
             operator_ticket: created.operator_ticket.clone(),
             public_key: vec![2; 32],
+            supervisor: false,
+            recorder: false,
         })
         .await
         .expect_err("ended");
@@ -619,6 +626,8 @@ async fn invalid_inputs_are_refused_precisely() -> Result<()> {
             session_id: id,
             operator_ticket: "t".repeat(129),
             public_key: vec![1; 32],
+            supervisor: false,
+            recorder: false,
         })
         .await
         .expect_err("ticket too long");

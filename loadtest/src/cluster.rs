@@ -30,6 +30,8 @@ pub struct ClusterBuilder {
     proxied: bool,
     relay_config: RelayHook,
     coordinator_config: CoordinatorHook,
+    api_keys: Option<String>,
+    redis: Option<kakehashi_coordinator::backend::redis::RedisConfig>,
 }
 
 impl Default for ClusterBuilder {
@@ -39,6 +41,8 @@ impl Default for ClusterBuilder {
             proxied: false,
             relay_config: Box::new(|_, _| {}),
             coordinator_config: Box::new(|_| {}),
+            api_keys: None,
+            redis: None,
         }
     }
 }
@@ -66,6 +70,21 @@ impl ClusterBuilder {
         f: impl Fn(&mut CoordinatorConfig) + Send + 'static,
     ) -> Self {
         self.coordinator_config = Box::new(f);
+        self
+    }
+
+    /// Turns API-key auth on (`--auth api-keys`) with `bootstrap_key`
+    /// (`kh_<16 hex>_<64 hex>`) as the cluster-admin key. Without it auth is disabled,
+    /// as in the dev cluster.
+    pub fn api_keys(mut self, bootstrap_key: impl Into<String>) -> Self {
+        self.api_keys = Some(bootstrap_key.into());
+        self
+    }
+
+    /// Keeps codes, sessions, events, guess limits, API keys and tenant policies in
+    /// Redis instead of this process.
+    pub fn redis(mut self, config: kakehashi_coordinator::backend::redis::RedisConfig) -> Self {
+        self.redis = Some(config);
         self
     }
 
@@ -97,8 +116,23 @@ impl ClusterBuilder {
         }
         let mut config = CoordinatorConfig::dev(infos.clone());
         config.signing_key = signing_key.clone();
+        if let Some(key) = &self.api_keys {
+            config.auth = kakehashi_coordinator::auth::AuthConfig {
+                mode: kakehashi_coordinator::auth::AuthMode::ApiKeys,
+                bootstrap_admin: Some(
+                    kakehashi_coordinator::auth::BootstrapKey::parse(key)
+                        .context("the bootstrap admin key")?,
+                ),
+            };
+        }
         (self.coordinator_config)(&mut config);
-        let coordinator = Coordinator::start(config, Backends::in_memory(infos))
+        let backends = match &self.redis {
+            Some(redis) => kakehashi_coordinator::backend::redis::backends(redis, infos)
+                .await
+                .context("connecting the coordinator to Redis")?,
+            None => Backends::in_memory(infos),
+        };
+        let coordinator = Coordinator::start(config, backends)
             .await
             .context("coordinator failed to start")?;
         Ok(LocalCluster {

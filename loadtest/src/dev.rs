@@ -37,6 +37,10 @@ pub struct DevReport {
     pub latency: Percentiles,
     pub frames_sent: u32,
     pub frames_received: u64,
+    /// Screen frames the supervisor (a second, watch-only viewer) received.
+    pub supervisor_frames: u64,
+    /// Screen frames the host sealed: once each, however many watch.
+    pub frames_sealed: u64,
     pub inputs_delivered: u32,
     pub chats_delivered: u32,
     pub events: Vec<String>,
@@ -77,6 +81,7 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
         .context("connect to the coordinator")?;
     let created = api
         .create_session(pb::CreateSessionRequest {
+            device_id: String::new(),
             tenant: "demo-callcenter".into(),
             operator: "operator-1".into(),
             mode: pb::SessionMode::Control as i32,
@@ -132,6 +137,8 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
         &created.operator_ticket,
         ViewerConfig {
             request_on_join: Some((Permissions::CONTROL, "to change your settings".into())),
+            supervisor: false,
+            recorder: false,
         },
     )
     .await
@@ -188,15 +195,63 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
         ),
     );
 
+    // A supervisor joins with the same ticket; the customer's scripted answer (view)
+    // admits it, and it gets the screen's group key with the first key frame.
+    let mut supervisor = Viewer::join(
+        &url,
+        &session.session_id,
+        &created.operator_ticket,
+        ViewerConfig {
+            supervisor: true,
+            ..ViewerConfig::default()
+        },
+    )
+    .await
+    .context("supervisor failed to join")?;
+    let admitted = timeout(STEP_TIMEOUT, async {
+        while let Some(ev) = host.next_event().await {
+            match ev {
+                HostEvent::SupervisorAnswered { admitted, .. } => return Ok(admitted),
+                HostEvent::Ended { reason, detail } => {
+                    bail!("session ended early: {reason:?} {detail}")
+                }
+                _ => {}
+            }
+        }
+        bail!("host ended early")
+    })
+    .await
+    .context("the customer was not asked about the supervisor")??;
+    ensure!(admitted, "the scripted customer refused the supervisor");
+    let supervisor_sas = timeout(STEP_TIMEOUT, async {
+        while let Some(ev) = supervisor.next_event().await {
+            if let ViewerEvent::PeerJoined { sas } = ev {
+                return Ok(sas);
+            }
+        }
+        bail!("supervisor ended early")
+    })
+    .await
+    .context("the supervisor did not verify the customer's key")??;
     step(
         6,
         format!(
-            "streaming {} screen frames of {} B at {} fps host → viewer, with input and chat both ways",
+            "a supervisor joined with the same ticket (watch only, SAS {}); the customer admitted it",
+            supervisor_sas
+        ),
+    );
+
+    step(
+        7,
+        format!(
+            "streaming {} screen frames of {} B at {} fps host → operator and supervisor (one ciphertext each), with input and chat both ways",
             opts.frames, opts.frame_bytes, opts.fps
         ),
     );
     let mut latency = LatencyRecorder::new();
     let mut frames_received = 0u64;
+    let mut supervisor_frames = 0u64;
+    let sealed_before = host.screen_frames_sealed();
     let (mut inputs, mut host_chats, mut viewer_chats) = (0u32, 0u32, 0u32);
     let mut inputs_sent = 0u32;
     let mut tick = tokio::time::interval(Duration::from_secs(1) / opts.fps);
@@ -212,10 +267,14 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
                 let frame = pb::ScreenFrame {
                     width: 1280,
                     height: 720,
-                    key_frame: sent.is_multiple_of(30),
+                    key_frame: sent.is_multiple_of(30) || host.wants_key_frame(),
                     data: pattern.clone(),
+                    group_key: None,
                 };
-                host.send_screen(frame).await?;
+                if !host.send_screen(frame).await? {
+                    // Withheld (nobody could decode it yet): the next one is a key frame.
+                    continue;
+                }
                 sent += 1;
                 if sent.is_multiple_of(10) {
                     let input = pb::InputEvent {
@@ -244,9 +303,15 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
                 ViewerEvent::Ended { reason, detail } => bail!("session ended early: {reason:?} {detail}"),
                 _ => {}
             },
+            ev = supervisor.next_event() => match ev.context("supervisor ended early")? {
+                ViewerEvent::Screen { .. } => supervisor_frames += 1,
+                ViewerEvent::Ended { reason, detail } => bail!("session ended early: {reason:?} {detail}"),
+                _ => {}
+            },
         }
         if sent >= opts.frames
             && frames_received >= u64::from(sent)
+            && supervisor_frames >= u64::from(sent)
             && inputs >= inputs_sent
             && host_chats >= 1
             && viewer_chats >= 1
@@ -255,10 +320,11 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
         }
     }
     let summary = latency.summary();
+    let frames_sealed = host.screen_frames_sealed() - sealed_before;
     step(
-        7,
+        8,
         format!(
-            "viewer received {frames_received}/{sent} frames; host received {inputs}/{inputs_sent} input events; chat delivered both ways"
+            "operator received {frames_received}/{sent} frames, supervisor {supervisor_frames}/{sent}, host sealed {frames_sealed}; host received {inputs}/{inputs_sent} input events; chat delivered both ways"
         ),
     );
 
@@ -271,7 +337,7 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
     let host_end = wait_host_end(&mut host).await?;
     let viewer_end = wait_viewer_end(&mut viewer).await?;
     step(
-        8,
+        9,
         format!(
             "operator ended the session via the API: customer saw {}, operator saw {}",
             host_end.as_str_name(),
@@ -289,6 +355,8 @@ async fn drive(cluster: &LocalCluster, opts: DevOptions) -> Result<DevReport> {
         latency: summary,
         frames_sent: sent,
         frames_received,
+        supervisor_frames,
+        frames_sealed,
         inputs_delivered: inputs,
         chats_delivered: host_chats + viewer_chats,
         events,

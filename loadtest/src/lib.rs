@@ -23,5 +23,6 @@ pub mod proxy;
 pub mod relay_kill;
 pub mod report;
 pub mod services;
+pub mod testkit;
 
 pub use cluster::{ClusterBuilder, LocalCluster};

@@ -85,8 +85,15 @@ async fn main() -> Result<()> {
             })
             .await?;
             ensure!(
-                report.frames_received == u64::from(report.frames_sent),
+                report.frames_received == u64::from(report.frames_sent)
+                    && report.supervisor_frames == u64::from(report.frames_sent),
                 "lost screen frames on an unloaded loopback path"
+            );
+            ensure!(
+                report.frames_sealed == u64::from(report.frames_sent),
+                "the host sealed {} frames for {} sent to two viewers",
+                report.frames_sealed,
+                report.frames_sent
             );
             println!("dev session OK");
         }

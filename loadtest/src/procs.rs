@@ -596,6 +596,7 @@ pub mod client {
             .map_err(|e| tonic::Status::unavailable(format!("connect {url}: {e}")))?;
         let resp = SessionServiceClient::new(channel)
             .create_session(pb::CreateSessionRequest {
+                device_id: String::new(),
                 tenant: "cluster-test".into(),
                 operator: "op".into(),
                 mode: pb::SessionMode::Control as i32,

@@ -1,6 +1,7 @@
 //! A user-space UDP impairment proxy: delay, jitter and loss for WAN profiles (this
 //! kernel has no netem), and a blackhole that makes a relay vanish without a goodbye, as
-//! a crashed machine or a cut link would.
+//! a crashed machine or a cut link would. A bandwidth bottleneck with a drop-tail queue
+//! ([`RateLimit`]) on the way to the upstream, for congestion a sender must adapt to.
 //!
 //! One front socket faces the clients; each client address gets its own upstream socket,
 //! so the relay sees one peer per client, as it would without the proxy.
@@ -63,8 +64,18 @@ impl Impairment {
     pub const PROFILES: [&'static str; 4] = ["lan", "broadband", "mobile", "intercontinental"];
 }
 
+/// A bottleneck: datagrams leave at `bits_per_second`, waiting in a drop-tail queue that
+/// holds at most `queue` of sending time (a router's buffer; overflow is loss).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub bits_per_second: u64,
+    pub queue: Duration,
+}
+
 #[derive(Default)]
 struct State {
+    /// The bottleneck towards the upstream, if any.
+    upstream_limit: Mutex<Option<RateLimit>>,
     blackhole: AtomicBool,
     impairment: Mutex<Impairment>,
     forwarded: AtomicU64,
@@ -101,6 +112,14 @@ impl UdpProxy {
     pub fn set_impairment(&self, impairment: Impairment) {
         if let Ok(mut i) = self.state.impairment.lock() {
             *i = impairment;
+        }
+    }
+
+    /// Puts a bottleneck on the clients → upstream direction (shared by every client,
+    /// as an uplink would be), or lifts it with `None`. The other direction is free.
+    pub fn set_upstream_limit(&self, limit: Option<RateLimit>) {
+        if let Ok(mut l) = self.state.upstream_limit.lock() {
+            *l = limit;
         }
     }
 
@@ -179,6 +198,11 @@ struct Shaper {
     rng: u64,
     line: mpsc::Sender<Delayed>,
     order: u64,
+    /// Whether this shaper carries datagrams towards the upstream (where a
+    /// [`RateLimit`] applies).
+    upstream: bool,
+    /// When the bottleneck has sent everything queued so far.
+    busy_until: Instant,
 }
 
 impl Shaper {
@@ -188,14 +212,21 @@ impl Shaper {
             self.state.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let queued = match self.bottleneck(packet.len()) {
+            Some(wait) => wait,
+            None => {
+                self.state.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
         self.state.forwarded.fetch_add(1, Ordering::Relaxed);
-        if impairment.delay.is_zero() && impairment.jitter.is_zero() {
+        if impairment.delay.is_zero() && impairment.jitter.is_zero() && queued.is_zero() {
             dest.send(&packet).await;
             return;
         }
         let jitter = impairment.jitter.as_secs_f64();
         let offset = (self.chance() * 2.0 - 1.0) * jitter;
-        let delay = (impairment.delay.as_secs_f64() + offset).max(0.0);
+        let delay = (impairment.delay.as_secs_f64() + offset).max(0.0) + queued.as_secs_f64();
         self.order += 1;
         let delayed = Delayed {
             due: Instant::now() + Duration::from_secs_f64(delay),
@@ -206,6 +237,31 @@ impl Shaper {
         if self.line.try_send(delayed).is_err() {
             self.state.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Passes a datagram of `len` bytes through the bottleneck: how long it waits there
+    /// (queue plus its own sending time), or `None` when the queue is full.
+    fn bottleneck(&mut self, len: usize) -> Option<Duration> {
+        let limit = if self.upstream {
+            self.state
+                .upstream_limit
+                .lock()
+                .map(|l| *l)
+                .unwrap_or_default()
+        } else {
+            None
+        };
+        let Some(limit) = limit.filter(|l| l.bits_per_second > 0) else {
+            return Some(Duration::ZERO);
+        };
+        let now = Instant::now();
+        let start = self.busy_until.max(now);
+        if start - now > limit.queue {
+            return None;
+        }
+        let sending = Duration::from_secs_f64(len as f64 * 8.0 / limit.bits_per_second as f64);
+        self.busy_until = start + sending;
+        Some(self.busy_until - now)
     }
 
     /// A uniform draw in [0, 1) (xorshift; statistical quality is plenty for loss).
@@ -249,6 +305,8 @@ async fn run(front: Arc<UdpSocket>, upstream: SocketAddr, state: Arc<State>) {
         rng: u64::from_le_bytes(seed) | 1,
         line: line_tx.clone(),
         order: 0,
+        upstream: true,
+        busy_until: Instant::now(),
     };
     let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -279,6 +337,8 @@ async fn run(front: Arc<UdpSocket>, upstream: SocketAddr, state: Arc<State>) {
                         rng: shaper.rng.rotate_left(17) | 1,
                         line: line_tx.clone(),
                         order: 0,
+                        upstream: false,
+                        busy_until: Instant::now(),
                     },
                 ));
                 up
@@ -345,6 +405,41 @@ mod tests {
         assert!(r.is_err(), "a blackholed proxy must not answer");
         assert!(proxy.counts().1 >= 1);
         Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_bottleneck_queues_then_drops_and_lifts() -> std::io::Result<()> {
+        let sink = UdpSocket::bind("127.0.0.1:0").await?;
+        let proxy = UdpProxy::start(sink.local_addr()?).await?;
+        let client = UdpSocket::bind("127.0.0.1:0").await?;
+        client.connect(proxy.local_addr()).await?;
+        // 8 kbit/s with a 100 ms queue holds two 500-byte datagrams at most; a burst of
+        // 50 overflows it (unless sending 50 datagrams took seconds).
+        proxy.set_upstream_limit(Some(RateLimit {
+            bits_per_second: 8_000,
+            queue: Duration::from_millis(100),
+        }));
+        for _ in 0..50 {
+            client.send(&[7u8; 500]).await?;
+        }
+        let mut buf = [0u8; 1500];
+        let n = tokio::time::timeout(Duration::from_secs(5), sink.recv(&mut buf)).await??;
+        assert_eq!(n, 500);
+        let (_, dropped) = proxy.counts();
+        assert!(dropped >= 1, "the queue never overflowed");
+
+        proxy.set_upstream_limit(None);
+        // Past anything still queued: a datagram sent now is not behind the bottleneck.
+        client.send(b"free").await?;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let n = sink.recv(&mut buf).await?;
+                if &buf[..n] == b"free" {
+                    return Ok::<_, std::io::Error>(());
+                }
+            }
+        })
+        .await?
     }
 
     #[test]

@@ -145,6 +145,7 @@ pub async fn run(opts: KillOptions) -> Result<KillReport> {
     for _ in 0..opts.sessions {
         let created = api
             .create_session(pb::CreateSessionRequest {
+                device_id: String::new(),
                 tenant: "killtest".into(),
                 operator: "op".into(),
                 mode: pb::SessionMode::Control as i32,

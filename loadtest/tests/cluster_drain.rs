@@ -39,6 +39,8 @@ async fn attach_both(
             session_id: session.session_id.clone(),
             operator_ticket: created.operator_ticket.clone(),
             public_key: vec![9; 32],
+            supervisor: false,
+            recorder: false,
         })
         .await?
         .into_inner();

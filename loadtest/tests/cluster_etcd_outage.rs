@@ -69,6 +69,8 @@ async fn sessions_keep_flowing_while_etcd_is_down_and_placement_recovers() -> Re
             session_id: session.session_id.clone(),
             operator_ticket: created.operator_ticket.clone(),
             public_key: vec![9; 32],
+            supervisor: false,
+            recorder: false,
         })
         .await?
         .into_inner();

@@ -4,24 +4,20 @@
 //! the other way and is injected with XTest only while CONTROL is granted.
 //! Without Xvfb the tests skip, except under CI=true, where they fail.
 
-use std::time::Duration;
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use kakehashi_agent::host::{ScreenOptions, ScreenShare};
 use kakehashi_agent::media::frame::psnr;
 use kakehashi_agent::media::xvfb::{FilledRect, Seen, TestWindow, Xvfb, test_picture};
 use kakehashi_agent::media::{CaptureConfig, StreamStats};
 use kakehashi_agent::viewer::PngOutput;
-use kakehashi_agent::{Consent, Host, HostConfig, HostEvent, Viewer, ViewerConfig, ViewerEvent};
+use kakehashi_agent::{Host, HostEvent, Viewer, ViewerEvent};
 use kakehashi_loadtest::LocalCluster;
+use kakehashi_loadtest::testkit::{self, Attached, SessionSpec, until, viewer_until, within};
 use kakehashi_proto::Permissions;
-use kakehashi_proto::pb::{self, session_service_client::SessionServiceClient};
-use tokio::time::timeout;
+use kakehashi_proto::pb;
 
 const W: u16 = 640;
 const H: u16 = 480;
-/// Failure guard for anything that must happen; not a timing.
-const WAIT: Duration = Duration::from_secs(30);
 /// Where the test window's "button" is.
 const BUTTON: (i16, i16, u16, u16) = (400, 300, 120, 40);
 /// Coloured rectangles on even coordinates (4:2:0 keeps their colour), over the page.
@@ -38,22 +34,6 @@ fn xvfb() -> Result<Option<Xvfb>> {
     Ok(Xvfb::start_or_skip(u32::from(W), u32::from(H))?)
 }
 
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
-    timeout(WAIT, fut)
-        .await
-        .with_context(|| format!("timed out waiting for {what}"))
-}
-
-/// Polls a counter the capture or injector thread updates; they have no event to await.
-async fn until(what: &str, cond: impl Fn() -> bool) -> Result<()> {
-    within(what, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-}
-
 /// The known picture as RGB, exactly what the test window shows.
 fn reference_rgb() -> Vec<u8> {
     test_picture(W, H, &RECTS)
@@ -66,67 +46,31 @@ fn open_app(display: &str) -> Result<TestWindow> {
     Ok(TestWindow::open(display, W, H, &RECTS)?)
 }
 
-/// A session with viewer and host attached and `approve` granted (scripted), waiting
-/// until the viewer sees the grant.
+/// A session with viewer and host attached and `approve` granted (scripted): joining
+/// asks for VIEW, anything more is asked for explicitly; waits until the viewer sees it.
 async fn attached_pair(
     cluster: &LocalCluster,
     mode: pb::SessionMode,
     approve: Permissions,
 ) -> Result<(Host, Viewer)> {
-    let mut api = SessionServiceClient::connect(cluster.coordinator_url()).await?;
-    let created = api
-        .create_session(pb::CreateSessionRequest {
-            tenant: "acme".into(),
-            operator: "op-7".into(),
-            mode: mode as i32,
-            permissions: 0,
-            max_duration_secs: 600,
-        })
-        .await?
-        .into_inner();
-    let sid = created
-        .session
-        .as_ref()
-        .map(|s| s.session_id.clone())
-        .context("no session")?;
-    let url = cluster.coordinator_url();
-    let mut viewer = Viewer::join(
-        &url,
-        &sid,
-        &created.operator_ticket,
-        ViewerConfig::default(),
+    let Attached {
+        host, mut viewer, ..
+    } = testkit::attached_pair(
+        &cluster.coordinator_url(),
+        &SessionSpec::mode(mode),
+        approve,
     )
     .await?;
-    let host = Host::join(
-        &url,
-        &created.code,
-        HostConfig {
-            consent: Consent::Approve(approve),
-        },
-    )
-    .await?;
-    // Joining asks for VIEW; anything more is asked for explicitly.
-    granted(&mut viewer, Permissions::VIEW).await?;
     let more = approve.without(Permissions::VIEW);
     if !more.is_empty() {
         viewer.request_permissions(more, "let me fix it").await?;
-        granted(&mut viewer, approve).await?;
+        viewer_until(&mut viewer, |ev| match ev {
+            ViewerEvent::GrantsChanged(g) if g.contains(approve) => Some(()),
+            _ => None,
+        })
+        .await?;
     }
     Ok((host, viewer))
-}
-
-async fn granted(viewer: &mut Viewer, want: Permissions) -> Result<()> {
-    within("the grant at the viewer", async {
-        while let Some(ev) = viewer.next_event().await {
-            match ev {
-                ViewerEvent::GrantsChanged(g) if g.contains(want) => return Ok(()),
-                ViewerEvent::Ended { reason, detail } => bail!("ended: {reason:?} {detail}"),
-                _ => {}
-            }
-        }
-        bail!("viewer event stream closed")
-    })
-    .await?
 }
 
 fn share(host: &Host, display: &str, inject_input: bool) -> Result<ScreenShare> {
@@ -138,6 +82,7 @@ fn share(host: &Host, display: &str, inject_input: bool) -> Result<ScreenShare> 
         },
         bitrate_bps: 4_000_000,
         inject_input,
+        ..ScreenOptions::default()
     })?)
 }
 

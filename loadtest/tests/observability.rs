@@ -372,6 +372,7 @@ async fn one_session_is_one_trace_from_create_to_end() -> Result<()> {
     // The call-center software's own trace, sent as W3C traceparent metadata.
     let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut create = tonic::Request::new(pb::CreateSessionRequest {
+        device_id: String::new(),
         tenant: "acme".into(),
         operator: "op-1".into(),
         mode: pb::SessionMode::Control as i32,

@@ -42,6 +42,7 @@ async fn replica(
 
 fn create_req() -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
+        device_id: String::new(),
         tenant: "acme".into(),
         operator: "op-1".into(),
         mode: pb::SessionMode::Control as i32,

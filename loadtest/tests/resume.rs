@@ -111,6 +111,7 @@ async fn run_moves(plan: &[Loss]) -> Result<Vec<Timing>> {
     let mut api = SessionServiceClient::connect(url.clone()).await?;
     let created = api
         .create_session(pb::CreateSessionRequest {
+            device_id: String::new(),
             tenant: "acme".into(),
             operator: "op-resume".into(),
             mode: pb::SessionMode::Control as i32,
@@ -133,6 +134,8 @@ async fn run_moves(plan: &[Loss]) -> Result<Vec<Timing>> {
         &created.operator_ticket,
         ViewerConfig {
             request_on_join: Some((Permissions::CONTROL, "resume test".into())),
+            supervisor: false,
+            recorder: false,
         },
     )
     .await?;
@@ -220,6 +223,7 @@ async fn run_moves(plan: &[Loss]) -> Result<Vec<Timing>> {
                     height: 480,
                     key_frame: key,
                     data: vec![(n % 251) as u8; 2000],
+                    group_key: None,
                 };
                 // Withheld or failed while the session moves: the next one is a key frame.
                 if let Ok(true) = host.send_screen(frame).await {

@@ -2,9 +2,8 @@
 //! coordinator, real QUIC to the relay, real agents. Each test starts its own cluster on
 //! loopback ports the OS picks.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ed25519_dalek::SigningKey;
@@ -12,31 +11,15 @@ use kakehashi_agent::{
     Consent, Host, HostConfig, HostEvent, LinkError, RelayLink, Viewer, ViewerConfig, ViewerEvent,
 };
 use kakehashi_loadtest::LocalCluster;
+use kakehashi_loadtest::testkit::{
+    self, SessionSpec, counter_reaches, host_until, viewer_until, within,
+};
 use kakehashi_proto::frame::{FLAG_KEY_FRAME, HEADER_LEN};
 use kakehashi_proto::pb::{
     self, agent_service_client::AgentServiceClient, relay_admin_client::RelayAdminClient,
     session_service_client::SessionServiceClient,
 };
 use kakehashi_proto::{Channel, Claims, Frame, FrameHeader, Permissions, Role, SessionId};
-use tokio::time::timeout;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
-    timeout(WAIT, fut)
-        .await
-        .with_context(|| format!("timed out waiting for {what}"))
-}
-
-/// Polls a counter the relay updates; there is no event to await for a dropped frame.
-async fn counter_reaches(what: &str, counter: &AtomicU64, at_least: u64) -> Result<()> {
-    within(what, async {
-        while counter.load(Ordering::Relaxed) < at_least {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-}
 
 async fn create(
     cluster: &LocalCluster,
@@ -46,6 +29,7 @@ async fn create(
     let mut api = SessionServiceClient::connect(cluster.coordinator_url()).await?;
     Ok(api
         .create_session(pb::CreateSessionRequest {
+            device_id: String::new(),
             tenant: "acme".into(),
             operator: "op-7".into(),
             mode: mode as i32,
@@ -64,45 +48,6 @@ fn session_id(created: &pb::CreateSessionResponse) -> String {
         .unwrap_or_default()
 }
 
-async fn host_until<T>(host: &mut Host, mut pick: impl FnMut(HostEvent) -> Option<T>) -> Result<T> {
-    within("a host event", async {
-        while let Some(ev) = host.next_event().await {
-            if let HostEvent::Ended { reason, detail } = &ev {
-                if let Some(v) = pick(ev.clone()) {
-                    return Ok(v);
-                }
-                bail!("host: session ended: {reason:?} {detail}");
-            }
-            if let Some(v) = pick(ev) {
-                return Ok(v);
-            }
-        }
-        bail!("host event stream closed")
-    })
-    .await?
-}
-
-async fn viewer_until<T>(
-    viewer: &mut Viewer,
-    mut pick: impl FnMut(ViewerEvent) -> Option<T>,
-) -> Result<T> {
-    within("a viewer event", async {
-        while let Some(ev) = viewer.next_event().await {
-            if let ViewerEvent::Ended { reason, detail } = &ev {
-                if let Some(v) = pick(ev.clone()) {
-                    return Ok(v);
-                }
-                bail!("viewer: session ended: {reason:?} {detail}");
-            }
-            if let Some(v) = pick(ev) {
-                return Ok(v);
-            }
-        }
-        bail!("viewer event stream closed")
-    })
-    .await?
-}
-
 /// A session with its viewer and host attached, both keys verified, and `approve`
 /// granted (scripted), waiting until the viewer sees the grant.
 async fn attached_pair(
@@ -110,31 +55,13 @@ async fn attached_pair(
     mode: pb::SessionMode,
     approve: Permissions,
 ) -> Result<(pb::CreateSessionResponse, Host, Viewer)> {
-    let created = create(cluster, mode, 600).await?;
-    let url = cluster.coordinator_url();
-    let mut viewer = Viewer::join(
-        &url,
-        &session_id(&created),
-        &created.operator_ticket,
-        ViewerConfig::default(),
+    let a = testkit::attached_pair(
+        &cluster.coordinator_url(),
+        &SessionSpec::mode(mode),
+        approve,
     )
     .await?;
-    let host = Host::join(
-        &url,
-        &created.code,
-        HostConfig {
-            consent: Consent::Approve(approve),
-        },
-    )
-    .await?;
-    if approve.contains(Permissions::VIEW) {
-        viewer_until(&mut viewer, |ev| match ev {
-            ViewerEvent::GrantsChanged(g) if g.contains(Permissions::VIEW) => Some(()),
-            _ => None,
-        })
-        .await?;
-    }
-    Ok((created, host, viewer))
+    Ok((a.created, a.host, a.viewer))
 }
 
 fn screen(data: Vec<u8>, key_frame: bool) -> pb::ScreenFrame {
@@ -143,6 +70,7 @@ fn screen(data: Vec<u8>, key_frame: bool) -> pb::ScreenFrame {
         height: 480,
         key_frame,
         data,
+        group_key: None,
     }
 }
 

@@ -2,10 +2,10 @@
 //! coordinator, real QUIC to the relay, real agents): consent per capability and
 //! revokes enforced at the relay, pause, pointer and keyboard display in view-only
 //! sessions, system information, time warnings, disconnect reasons, idle timeout, the
-//! audit log, one viewer per session. Modified participants (the agents' `unchecked`
+//! audit log, one operator per session (supervisors: `multi_viewer.rs`). Modified participants (the agents' `unchecked`
 //! test hooks) prove the relay refuses and counts what the customer did not allow.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -13,27 +13,12 @@ use kakehashi_agent::{
     Consent, Host, HostConfig, HostEvent, HostOptions, Viewer, ViewerConfig, ViewerEvent,
 };
 use kakehashi_loadtest::LocalCluster;
+use kakehashi_loadtest::testkit::{
+    SessionSpec, audit_log, counter_reaches, create_session, host_until_no_input as host_until,
+    viewer_until, within,
+};
 use kakehashi_proto::Permissions;
 use kakehashi_proto::pb::{self, session_service_client::SessionServiceClient};
-use tokio::time::timeout;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
-    timeout(WAIT, fut)
-        .await
-        .with_context(|| format!("timed out waiting for {what}"))
-}
-
-/// Polls a counter the relay updates; there is no event to await for a dropped frame.
-async fn counter_reaches(what: &str, counter: &AtomicU64, at_least: u64) -> Result<()> {
-    within(what, async {
-        while counter.load(Ordering::Relaxed) < at_least {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-}
 
 async fn create(
     cluster: &LocalCluster,
@@ -41,63 +26,10 @@ async fn create(
     permissions: Permissions,
     max_duration_secs: u32,
 ) -> Result<(pb::CreateSessionResponse, String)> {
-    let mut api = SessionServiceClient::connect(cluster.coordinator_url()).await?;
-    let created = api
-        .create_session(pb::CreateSessionRequest {
-            tenant: "acme".into(),
-            operator: "op-7".into(),
-            mode: mode as i32,
-            permissions: permissions.bits(),
-            max_duration_secs,
-        })
-        .await?
-        .into_inner();
-    let sid = created
-        .session
-        .as_ref()
-        .map(|s| s.session_id.clone())
-        .context("no session")?;
-    Ok((created, sid))
-}
-
-async fn host_until<T>(host: &mut Host, mut pick: impl FnMut(HostEvent) -> Option<T>) -> Result<T> {
-    within("a host event", async {
-        while let Some(ev) = host.next_event().await {
-            if let HostEvent::Input(i) = &ev {
-                bail!("input reached the host: {i:?}");
-            }
-            let ended = matches!(ev, HostEvent::Ended { .. });
-            let shown = format!("{ev:?}");
-            if let Some(v) = pick(ev) {
-                return Ok(v);
-            }
-            if ended {
-                bail!("host: session ended: {shown}");
-            }
-        }
-        bail!("host event stream closed")
-    })
-    .await?
-}
-
-async fn viewer_until<T>(
-    viewer: &mut Viewer,
-    mut pick: impl FnMut(ViewerEvent) -> Option<T>,
-) -> Result<T> {
-    within("a viewer event", async {
-        while let Some(ev) = viewer.next_event().await {
-            let ended = matches!(ev, ViewerEvent::Ended { .. });
-            let shown = format!("{ev:?}");
-            if let Some(v) = pick(ev) {
-                return Ok(v);
-            }
-            if ended {
-                bail!("viewer: session ended: {shown}");
-            }
-        }
-        bail!("viewer event stream closed")
-    })
-    .await?
+    let spec = SessionSpec::mode(mode)
+        .permissions(permissions)
+        .max_duration_secs(max_duration_secs);
+    create_session(&cluster.coordinator_url(), &spec).await
 }
 
 /// The session's events from the start until `done` matches one (included).
@@ -127,17 +59,6 @@ async fn events_until(
     .await?
 }
 
-async fn audit_log(cluster: &LocalCluster, sid: &str) -> Result<Vec<pb::SessionEvent>> {
-    let mut api = SessionServiceClient::connect(cluster.coordinator_url()).await?;
-    Ok(api
-        .get_audit_log(pb::GetAuditLogRequest {
-            session_id: sid.into(),
-        })
-        .await?
-        .into_inner()
-        .events)
-}
-
 fn find(
     events: &[pb::SessionEvent],
     kind: pb::EventKind,
@@ -163,6 +84,7 @@ fn screen(data: Vec<u8>) -> pb::ScreenFrame {
         height: 480,
         key_frame: true,
         data,
+        group_key: None,
     }
 }
 
@@ -227,6 +149,8 @@ async fn consent_is_asked_per_capability_and_a_revoke_stops_input_at_the_relay()
                 Permissions::CONTROL | Permissions::SYSTEM_INFO,
                 "to fix the printer".into(),
             )),
+            supervisor: false,
+            recorder: false,
         },
     )
     .await?;
@@ -322,7 +246,7 @@ async fn consent_is_asked_per_capability_and_a_revoke_stops_input_at_the_relay()
     assert_eq!(revoke.permissions, Permissions::CONTROL.bits());
     assert_eq!(revoke.granted, Permissions::VIEW.bits());
     assert!(revoke.at_unix_ms > 0);
-    let audit = audit_log(&cluster, &sid).await?;
+    let audit = audit_log(&cluster.coordinator_url(), &sid).await?;
     assert_eq!(
         audit[..events.len()],
         events[..],
@@ -643,7 +567,7 @@ async fn the_operators_disconnect_reason_reaches_the_customer() -> Result<()> {
     .await?;
     assert_eq!(reason, pb::EndReason::EndedByOperator);
     assert_eq!(detail, "the supervisor stopped the session");
-    let audit = audit_log(&cluster, &sid).await?;
+    let audit = audit_log(&cluster.coordinator_url(), &sid).await?;
     let last = audit.last().context("no events")?;
     assert_eq!(last.kind(), pb::EventKind::Ended);
     assert_eq!(last.actor(), pb::EventActor::Api);
@@ -687,14 +611,14 @@ async fn an_idle_session_ends_with_idle_timeout() -> Result<()> {
 }
 
 #[tokio::test]
-async fn a_second_viewer_is_refused() -> Result<()> {
+async fn a_second_operator_is_refused() -> Result<()> {
     let cluster = LocalCluster::builder().start().await?;
     let (created, sid) = create(&cluster, pb::SessionMode::View, Permissions::NONE, 600).await?;
     let _viewer = join_viewer(&cluster, &created, &sid, ViewerConfig::default()).await?;
     let second = join_viewer(&cluster, &created, &sid, ViewerConfig::default()).await;
-    let err = second.err().context("a second viewer attached")?;
+    let err = second.err().context("a second operator attached")?;
     assert!(
-        format!("{err:#}").contains("one viewer per session"),
+        format!("{err:#}").contains("one operator per session"),
         "{err:#}"
     );
     cluster.shutdown().await;
@@ -717,6 +641,8 @@ async fn file_session(cluster: &LocalCluster) -> Result<(String, Host, Viewer)> 
         &sid,
         ViewerConfig {
             request_on_join: Some((Permissions::FILE_TRANSFER, "to send you the fix".into())),
+            supervisor: false,
+            recorder: false,
         },
     )
     .await?;

@@ -9,8 +9,11 @@
 //!    is `Hello { token, session_id }`. The relay answers `Welcome { participant_id,
 //!    granted, peer_tokens }`, or closes the connection with [`close::REFUSED`] and a
 //!    reason naming what was wrong (the [`crate::TokenError`] text). A session holds
-//!    one host and one viewer: a second of either is refused (a reconnect of the same
-//!    participant id replaces its old connection).
+//!    one host, one viewer (the operator) and any number of supervisors and recorders
+//!    up to the relay's participant limit: a second host or viewer is refused (a
+//!    reconnect of the same participant id replaces its old connection). Supervisors
+//!    and recorders only receive: the relay forwards nothing they send, and a
+//!    `Hangup` from one of them is its own leaving, not the session's end.
 //! 3. **Signals, relay → participant:** `PeerJoined { token }` (check its signature and
 //!    key before trusting it), `PeerLeft`, `GrantsChanged`, `KeyFrameRequest` (host only),
 //!    `SessionEnded { reason }` — after which the relay closes with [`close::ENDED`].
@@ -25,7 +28,10 @@
 //! 4. **Data.** For each channel it sends on, a participant opens one unidirectional
 //!    stream and writes frames of that channel only, in order. The relay opens one
 //!    unidirectional stream per channel towards each participant it forwards to, on the
-//!    first frame for it. Frame headers are forwarded unchanged.
+//!    first frame for it. Frame headers are forwarded unchanged. The host's frames go
+//!    to every other participant (the same bytes to each: the host seals a screen frame
+//!    once under a group key, see `ScreenFrame.group_key`); recorders get them only
+//!    while RECORDING is granted. Everyone else's frames go to the host only.
 //! 5. **Sequence numbers** start at 1 per (sender, channel) and increase by one; with the
 //!    channel they form the AEAD nonce, so they never repeat under one key.
 //! 6. **Resume.** Senders keep frames of replayed channels ([`Channel::is_replayed`])

@@ -32,6 +32,9 @@ pub enum Role {
     Recorder = 3,
     /// A coordinator acting on a relay (RelayAdmin calls); never attaches over QUIC.
     Coordinator = 4,
+    /// A second, watch-only operator: receives the screen once the customer admits it,
+    /// sends nothing the relay forwards.
+    Supervisor = 5,
 }
 
 impl Role {
@@ -41,6 +44,7 @@ impl Role {
             2 => Some(Role::Viewer),
             3 => Some(Role::Recorder),
             4 => Some(Role::Coordinator),
+            5 => Some(Role::Supervisor),
             _ => None,
         }
     }
@@ -51,6 +55,7 @@ impl Role {
             Role::Viewer => "viewer",
             Role::Recorder => "recorder",
             Role::Coordinator => "coordinator",
+            Role::Supervisor => "supervisor",
         }
     }
 }

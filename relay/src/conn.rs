@@ -156,7 +156,7 @@ async fn attach(
         .parse()
         .map_err(|e| Refusal::Hello(format!("{e}")))?;
     claims.expect_session(&wanted)?;
-    claims.expect_role(&[Role::Host, Role::Viewer, Role::Recorder])?;
+    claims.expect_role(&[Role::Host, Role::Viewer, Role::Supervisor, Role::Recorder])?;
     if kakehashi_proto::unix_now() >= claims.session_deadline {
         return Err(Refusal::PastDeadline);
     }
@@ -316,6 +316,11 @@ async fn signal_reader(
             Ok(Kind::Grant(_)) => {
                 return Outcome::Protocol("only the customer (host) may grant permissions".into());
             }
+            // A supervisor or recorder hanging up leaves; only the customer and the
+            // operator end the session for everyone.
+            Ok(Kind::Hangup(_)) if matches!(role, Role::Supervisor | Role::Recorder) => {
+                return Outcome::Gone;
+            }
             Ok(Kind::Hangup(h)) => SessionMsg::Hangup {
                 role,
                 detail: h.detail.chars().take(256).collect(),
@@ -386,6 +391,15 @@ async fn forward(ctx: &ReaderCtx, routes: &Routes, frame: &Frame, read_at: Insta
         for viewer in &routes.others {
             if let Delivery::DroppedNeedKey = viewer.deliver(frame, read_at, &ctx.node).await {
                 need_key = true;
+            }
+        }
+        // A recorder gets the session only while the customer allows recording.
+        if !routes.recorders.is_empty() && ctx.shared.granted().contains(Permissions::RECORDING) {
+            for recorder in &routes.recorders {
+                if let Delivery::DroppedNeedKey = recorder.deliver(frame, read_at, &ctx.node).await
+                {
+                    need_key = true;
+                }
             }
         }
         if need_key {

@@ -84,8 +84,10 @@ impl SessionShared {
 #[derive(Default)]
 pub(crate) struct Routes {
     pub host: Option<Arc<Outbox>>,
-    /// Everyone but the host.
+    /// The operator and supervisors: everyone but the host and recorders.
     pub others: Vec<Arc<Outbox>>,
+    /// Recorders: sent the host's frames only while RECORDING is granted.
+    pub recorders: Vec<Arc<Outbox>>,
 }
 
 pub(crate) struct Joining {
@@ -111,7 +113,9 @@ pub(crate) enum JoinRefused {
     Ended,
     #[error("the session already has a customer (host) attached")]
     HostPresent,
-    #[error("the session already has an operator (viewer) attached; one viewer per session")]
+    #[error(
+        "the session already has an operator (viewer) attached; one operator per session, join others as supervisors"
+    )]
     ViewerPresent,
     #[error("the session is full ({0} participants)")]
     Full(usize),
@@ -276,8 +280,8 @@ impl SessionState {
         if j.role == Role::Host && self.members.values().any(|m| m.role == Role::Host) {
             return Err(JoinRefused::HostPresent);
         }
-        // One viewer per session: the host seals the screen for one viewer's key, and a
-        // second operator would watch without the customer having approved them.
+        // One operator per session: input, files and chat are the customer's exchange
+        // with one person. Others watch as supervisors, admitted by the customer.
         if j.role == Role::Viewer && self.members.values().any(|m| m.role == Role::Viewer) {
             return Err(JoinRefused::ViewerPresent);
         }
@@ -381,10 +385,10 @@ impl SessionState {
     fn publish_routes(&self) {
         let mut routes = Routes::default();
         for m in self.members.values() {
-            if m.role == Role::Host {
-                routes.host = Some(m.outbox.clone());
-            } else {
-                routes.others.push(m.outbox.clone());
+            match m.role {
+                Role::Host => routes.host = Some(m.outbox.clone()),
+                Role::Recorder => routes.recorders.push(m.outbox.clone()),
+                _ => routes.others.push(m.outbox.clone()),
             }
         }
         self.routes.send_replace(Arc::new(routes));

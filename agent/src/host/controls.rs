@@ -25,6 +25,9 @@ impl Driver {
                 };
                 self.shared.screen_state_changed();
                 let revoked = before & perms;
+                if revoked.contains(Permissions::RECORDING) {
+                    self.recording_changed(false);
+                }
                 self.send_grant(wire).await;
                 if revoked.contains(Permissions::FILE_TRANSFER) {
                     self.stop_files("file transfer was revoked").await;
@@ -103,6 +106,9 @@ impl Driver {
     /// What a new grant releases: the view-only system summary with VIEW, the whole
     /// record with SYSTEM_INFO. Collected now, sent once per grant.
     pub(super) async fn on_granted(&mut self, added: Permissions) {
+        if added.contains(Permissions::RECORDING) {
+            self.recording_changed(true);
+        }
         if added.contains(Permissions::SYSTEM_INFO) {
             let peer = {
                 let state = self.shared.state();

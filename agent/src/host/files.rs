@@ -102,6 +102,7 @@ impl Driver {
                             permissions: Permissions::FILE_TRANSFER,
                             note: format!("receive the file {:?} ({} bytes)", o.name, o.size),
                             sas: String::new(),
+                            supervisor: false,
                         };
                         self.prompts.spawn(async move {
                             let answer =

@@ -2,11 +2,13 @@
 //! SCREEN channel, and an [`Injector`] that obeys the operator's input. Both follow the
 //! host's state: capture runs only while VIEW is granted and sharing is not paused, and
 //! the injector's gate is open only in a control session with CONTROL granted and not
-//! paused (the driver's grant check stays the first lock).
+//! paused (the driver's grant check stays the first lock). The encoder's bitrate follows
+//! the path: a [`RateController`] reads the relay's drop reports, this host's own drops
+//! and the QUIC path's RTT and loss a few times a second.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use kakehashi_proto::{Mode, Permissions, pb};
 use tokio::sync::mpsc;
@@ -17,6 +19,7 @@ use super::{Host, Shared};
 use crate::conduit::Conduit;
 use crate::error::AgentError;
 use crate::media::codec::EncoderSettings;
+use crate::media::rate::{Observation, PathSnapshot, RateConfig, RateController};
 use crate::media::stream::StreamError;
 use crate::media::{
     CaptureConfig, CaptureError, ControlGate, EncodedFrame, Injector, InputAction, InputError,
@@ -32,6 +35,11 @@ const INPUT_QUEUE: usize = 1024;
 /// How often a viewer's key-frame request is passed on when no frame is moving (a still
 /// screen produces none to piggyback on).
 const KEY_CHECK: Duration = Duration::from_millis(100);
+/// How often the bitrate controller reads the path: several readings per second so a
+/// decrease follows congestion within a few RTTs, few enough to cost nothing.
+const RATE_PERIOD: Duration = Duration::from_millis(250);
+/// The default floor of the adapted bitrate: below it 1080p screen content is a blur.
+pub const DEFAULT_MIN_BITRATE_BPS: u32 = 150_000;
 
 /// What [`Host::share_x11_screen`] captures and how.
 #[derive(Debug, Clone)]
@@ -39,8 +47,15 @@ pub struct ScreenOptions {
     /// X display to capture (`None`: `$DISPLAY`).
     pub display: Option<String>,
     pub capture: CaptureConfig,
-    /// Target bitrate in bits per second.
+    /// Bitrate in bits per second the encoder starts at.
     pub bitrate_bps: u32,
+    /// Adapt the bitrate to the drops and delay the relay path reports, within
+    /// `[min_bitrate_bps, max_bitrate_bps]`; `false` keeps `bitrate_bps` for good.
+    pub adapt_bitrate: bool,
+    /// The adapted bitrate's floor, bits per second.
+    pub min_bitrate_bps: u32,
+    /// The adapted bitrate's ceiling, bits per second (`None`: `bitrate_bps`).
+    pub max_bitrate_bps: Option<u32>,
     /// Inject the operator's input with XTest (control sessions; nothing is injected
     /// unless CONTROL is granted). `false`: input is only reported as events.
     pub inject_input: bool,
@@ -52,6 +67,9 @@ impl Default for ScreenOptions {
             display: None,
             capture: CaptureConfig::default(),
             bitrate_bps: EncoderSettings::default().bitrate_bps,
+            adapt_bitrate: true,
+            min_bitrate_bps: DEFAULT_MIN_BITRATE_BPS,
+            max_bitrate_bps: None,
             inject_input: true,
         }
     }
@@ -138,7 +156,8 @@ pub struct ScreenShare {
     gate: ControlGate,
     injected: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
-    // The frame forwarder; aborted on drop.
+    rate: Arc<RateState>,
+    // The frame forwarder and the bitrate controller; aborted on drop.
     tasks: JoinSet<()>,
     stream: Option<ScreenStream>,
     input: Option<std::thread::JoinHandle<()>>,
@@ -172,6 +191,27 @@ impl ScreenShare {
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
     }
+
+    /// The encoder's current target bitrate, bits per second (adapted, or the fixed one).
+    pub fn bitrate_bps(&self) -> u32 {
+        self.rate.target.load(Ordering::Relaxed)
+    }
+
+    /// How many times the adaptation moved the target bitrate.
+    pub fn bitrate_changes(&self) -> u64 {
+        self.rate.changes.load(Ordering::Relaxed)
+    }
+}
+
+/// What the bitrate controller publishes for [`ScreenShare`].
+#[derive(Debug)]
+struct RateState {
+    target: AtomicU32,
+    changes: AtomicU64,
+    /// Screen payload bytes written to the link. Not the stream's `bytes`: frames
+    /// withheld while no viewer can take them never reach the network, and counting
+    /// them would look like a backlog.
+    written: AtomicU64,
 }
 
 impl Drop for ScreenShare {
@@ -205,6 +245,13 @@ impl Host {
     /// first's hooks.
     pub fn share_x11_screen(&self, options: &ScreenOptions) -> Result<ScreenShare, ScreenError> {
         let source = X11Source::open(options.display.as_deref(), options.capture)?;
+        let adapt = options.adapt_bitrate.then(|| {
+            RateConfig::bounded(
+                options.bitrate_bps,
+                options.min_bitrate_bps,
+                options.max_bitrate_bps.unwrap_or(options.bitrate_bps),
+            )
+        });
         let sink = if options.inject_input {
             Some(XTestSink::open(options.display.as_deref())?)
         } else {
@@ -218,17 +265,32 @@ impl Host {
                 key_interval: None,
             },
             sink,
+            adapt,
         )
     }
 
-    /// [`Host::share_x11_screen`] with any capture source and input sink.
+    /// [`Host::share_x11_screen`] with any capture source and input sink; with `adapt`,
+    /// the bitrate follows the path within its bounds, starting at its `start_bps`
+    /// (which replaces `settings.bitrate_bps`).
     pub fn share_screen<S: InputSink + 'static>(
         &self,
         source: Box<dyn ScreenSource>,
-        settings: EncoderSettings,
+        mut settings: EncoderSettings,
         sink: Option<S>,
+        adapt: Option<RateConfig>,
     ) -> Result<ScreenShare, ScreenError> {
         let period = source.config().period();
+        // The operator points in the (possibly scaled) picture it was sent.
+        let picture_scale = source.config().scale;
+        let controller = adapt.map(RateController::new);
+        if let Some(c) = &controller {
+            settings.bitrate_bps = c.target_bps();
+        }
+        let rate = Arc::new(RateState {
+            target: AtomicU32::new(settings.bitrate_bps),
+            changes: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+        });
         let (stream, frames) = ScreenStream::start(source, settings, FRAME_QUEUE)?;
         let handle = stream.handle();
         // Nothing is captured until the state says so.
@@ -239,7 +301,7 @@ impl Host {
         let (input_tx, input) = match sink {
             Some(sink) => {
                 let (tx, rx) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
-                let inj = Injector::new(sink, gate.clone());
+                let inj = Injector::new(sink, gate.clone()).with_picture_scale(picture_scale);
                 let (ok, no) = (injected.clone(), refused.clone());
                 let t = std::thread::Builder::new()
                     .name("kakehashi-inject".into())
@@ -262,13 +324,24 @@ impl Host {
             handle.clone(),
             frames,
             period.min(KEY_CHECK),
+            rate.clone(),
         ));
+        if let Some(controller) = controller {
+            tasks.spawn(adapt_bitrate(
+                self.shared.clone(),
+                self.conduit.clone(),
+                handle.clone(),
+                controller,
+                rate.clone(),
+            ));
+        }
         Ok(ScreenShare {
             shared: self.shared.clone(),
             handle,
             gate,
             injected,
             refused,
+            rate,
             tasks,
             stream: Some(stream),
             input,
@@ -284,6 +357,7 @@ async fn forward_frames(
     handle: StreamHandle,
     mut frames: mpsc::Receiver<EncodedFrame>,
     check: Duration,
+    rate: Arc<RateState>,
 ) {
     let mut tick = tokio::time::interval(check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -291,8 +365,12 @@ async fn forward_frames(
         tokio::select! {
             f = frames.recv() => {
                 let Some(f) = f else { return };
+                let len = f.data.len() as u64;
                 match super::send_screen_via(&shared, &conduit, f.to_screen_frame()).await {
-                    Ok(_) => {}
+                    Ok(true) => {
+                        rate.written.fetch_add(len, Ordering::Relaxed);
+                    }
+                    Ok(false) => {}
                     Err(AgentError::Ended) => return,
                     Err(e) => debug!(error = %e, "screen frame not sent"),
                 }
@@ -305,6 +383,52 @@ async fn forward_frames(
         {
             handle.force_key_frame();
         }
+    }
+}
+
+/// Reads the path every [`RATE_PERIOD`] and sets the encoder's bitrate to what the
+/// controller says. Nothing is read while sharing is paused: no frames, no evidence.
+async fn adapt_bitrate(
+    shared: Arc<Shared>,
+    conduit: Arc<Conduit>,
+    handle: StreamHandle,
+    mut controller: RateController,
+    rate: Arc<RateState>,
+) {
+    let mut tick = tokio::time::interval(RATE_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if handle.is_paused() {
+            continue;
+        }
+        let (connection, stats) = conduit.tx().path_stats();
+        let obs = Observation {
+            relay_drops: shared.counters.relay_screen_drops.load(Ordering::Relaxed),
+            local_drops: handle.stats().dropped,
+            encoded_bytes: rate.written.load(Ordering::Relaxed),
+            path: Some(PathSnapshot {
+                connection: connection as u64,
+                rtt: stats.path.rtt,
+                sent_packets: stats.path.sent_packets,
+                lost_packets: stats.path.lost_packets,
+                sent_bytes: stats.udp_tx.bytes,
+                lost_bytes: stats.path.lost_bytes,
+            }),
+        };
+        let Some(change) = controller.observe(Instant::now(), obs) else {
+            continue;
+        };
+        debug!(
+            bps = change.bps,
+            reason = ?change.reason,
+            rtt_ms = stats.path.rtt.as_millis() as u64,
+            backlog_bytes = controller.backlog_bytes(),
+            "screen bitrate adapted"
+        );
+        handle.set_bitrate(change.bps);
+        rate.target.store(change.bps, Ordering::Relaxed);
+        rate.changes.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -70,6 +70,7 @@ impl Source {
             height: self.screen.height,
             key_frame,
             data,
+            group_key: None,
         }
     }
 

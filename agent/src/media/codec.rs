@@ -75,6 +75,7 @@ impl EncodedFrame {
             height: self.height,
             key_frame: self.key_frame,
             data: self.data.clone(),
+            group_key: None,
         }
     }
 }

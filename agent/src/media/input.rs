@@ -130,6 +130,9 @@ pub struct Injector<S> {
     held_buttons: BTreeSet<u8>,
     held_keys: BTreeSet<u32>,
     refused: u64,
+    /// The operator points in the picture it was sent, which the capture may have
+    /// scaled: its coordinates are divided by this before they reach the screen.
+    picture_scale: f32,
 }
 
 impl<S: InputSink> Injector<S> {
@@ -140,7 +143,26 @@ impl<S: InputSink> Injector<S> {
             held_buttons: BTreeSet::new(),
             held_keys: BTreeSet::new(),
             refused: 0,
+            picture_scale: 1.0,
         }
+    }
+
+    /// The capture's scale (`CaptureConfig::scale`): pointer positions arrive in the
+    /// scaled picture's pixels. Values outside (0, 1] are taken as 1.
+    pub fn with_picture_scale(mut self, scale: f32) -> Self {
+        self.picture_scale = if scale > 0.0 && scale <= 1.0 {
+            scale
+        } else {
+            1.0
+        };
+        self
+    }
+
+    fn to_screen(&self, v: i32) -> i32 {
+        // f64 keeps every i32 exact; the result is clamped back into range.
+        (f64::from(v) / f64::from(self.picture_scale))
+            .round()
+            .clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32
     }
 
     /// Actions refused because the gate was closed.
@@ -166,7 +188,10 @@ impl<S: InputSink> Injector<S> {
     pub fn apply(&mut self, action: &InputAction) -> Result<(), InputError> {
         self.check()?;
         match action {
-            InputAction::PointerMove { x, y } => self.sink.pointer_move(*x, *y)?,
+            InputAction::PointerMove { x, y } => {
+                let (x, y) = (self.to_screen(*x), self.to_screen(*y));
+                self.sink.pointer_move(x, y)?
+            }
             InputAction::Button { button, down } => {
                 self.sink.button(*button, *down)?;
                 if *down {
@@ -275,6 +300,23 @@ mod tests {
         gate.close();
         assert!(inj.apply(&InputAction::PointerMove { x: 0, y: 0 }).is_err());
         assert_eq!(inj.sink_mut().0, ["char h", "char i"]);
+    }
+
+    #[test]
+    fn pointer_positions_in_a_scaled_picture_land_on_the_real_screen() {
+        let gate = ControlGate::new();
+        gate.open();
+        let mut inj = Injector::new(Recorder::default(), gate).with_picture_scale(0.5);
+        inj.apply(&InputAction::PointerMove { x: 150, y: 101 })
+            .expect("open gate");
+        assert_eq!(inj.sink_mut().0, ["move 300,202"]);
+        let gate = ControlGate::new();
+        gate.open();
+        // Nonsense scales are ignored rather than trusted.
+        let mut inj = Injector::new(Recorder::default(), gate).with_picture_scale(0.0);
+        inj.apply(&InputAction::PointerMove { x: 7, y: 9 })
+            .expect("open gate");
+        assert_eq!(inj.sink_mut().0, ["move 7,9"]);
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use kakehashi_proto::pb;
 
-use crate::media::H264Decoder;
 use crate::media::codec::CodecError;
+use crate::media::decoder::ScreenDecoder;
 use crate::media::image::{PngError, RgbImage};
 
 /// Why a screen frame did not become a picture on disk.
@@ -28,7 +28,7 @@ pub enum PngOutputError {
 /// (replaced atomically, so a reader never sees half a picture).
 #[derive(Debug)]
 pub struct PngOutput {
-    decoder: H264Decoder,
+    decoder: ScreenDecoder,
     path: PathBuf,
     written: u64,
 }
@@ -41,7 +41,7 @@ impl PngOutput {
             source,
         })?;
         Ok(Self {
-            decoder: H264Decoder::new()?,
+            decoder: ScreenDecoder::new()?,
             path: dir.join("screen.png"),
             written: 0,
         })
@@ -60,7 +60,7 @@ impl PngOutput {
     /// Decodes one frame; when it completes a picture, writes it and returns it. A
     /// frame that completes nothing (a delta before the first key frame) returns `None`.
     pub fn push(&mut self, frame: &pb::ScreenFrame) -> Result<Option<RgbImage>, PngOutputError> {
-        let Some(img) = self.decoder.decode(&frame.data)? else {
+        let Some(img) = self.decoder.push(frame)? else {
             return Ok(None);
         };
         img.write_png(&self.path)?;

@@ -116,6 +116,16 @@ impl pb::agent_service_server::AgentService for TestCoordinator {
         // This stand-in has one relay and nowhere to move a session to.
         Err(tonic::Status::unavailable("no other relay"))
     }
+
+    async fn poll_device(
+        &self,
+        _req: tonic::Request<pb::PollDeviceRequest>,
+    ) -> Result<tonic::Response<pb::PollDeviceResponse>, tonic::Status> {
+        // Unattended access is tested against the real coordinator (loadtest crate).
+        Err(tonic::Status::unauthenticated(
+            "this stand-in enrols no devices",
+        ))
+    }
 }
 
 pub async fn start_coordinator(

@@ -12,6 +12,8 @@
 //!   id against its record and drop stale entries.
 //! - `NS:{codes-live}` — allocations per 10-second bucket, the density estimate.
 //! - `NS:{g:SOURCE}` and `NS:{guess-budget}` — the guess limiter's counters.
+//! - `NS:{ak:KEY_ID}`, `NS:{akt:TENANT}`, `NS:{tp:TENANT}` — API keys, their per-tenant
+//!   index and tenant policies (`auth`).
 //!
 //! # Failure
 //! Every command runs under a response timeout and the connection under a connect
@@ -24,6 +26,7 @@
 //! - this file: configuration, the connection type shared by all stores, [`connect`].
 //! - `codes`, `sessions`, `events`, `limiter`: one store each.
 
+mod auth;
 mod codes;
 mod events;
 mod limiter;
@@ -37,6 +40,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
+pub use auth::RedisAuthStore;
 pub use codes::RedisCodeStore;
 pub use events::RedisEventBus;
 pub use limiter::RedisGuessLimiter;
@@ -306,6 +310,7 @@ pub async fn backends(
         codes: Arc::new(RedisCodeStore::new(shared.clone(), config.code_density)),
         sessions: Arc::new(RedisSessionStore::new(shared.clone())),
         events: Arc::new(RedisEventBus::new(shared.clone())),
+        auth: Arc::new(RedisAuthStore::new(shared.clone())),
         limiter: Arc::new(RedisGuessLimiter::new(shared, config.guess_policy.clone())),
         ..Backends::in_memory(relays)
     })

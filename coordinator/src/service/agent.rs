@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use kakehashi_proto::token::{self, Role};
-use kakehashi_proto::{SessionId, pb, policy};
+use kakehashi_proto::{Permissions, SessionId, pb, policy};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
@@ -115,10 +115,34 @@ impl Core {
             return Err(ApiError::SessionEnded(id));
         }
         let participant = Self::new_participant_id()?;
-        self.publish(&record, pb::EventKind::OperatorJoined).await?;
-        let token = self.participant_token(&record, Role::Viewer, participant, public_key)?;
-        metrics::counter!(telemetry::JOINS, "role" => "viewer").increment(1);
-        tracing::info!(session = %id, participant, "operator joined");
+        // The same ticket admits the operator and supervisors: the call-center software
+        // that holds it decides who watches; the customer then admits each supervisor.
+        let role = match (req.supervisor, req.recorder) {
+            (false, false) => Role::Viewer,
+            (true, false) => Role::Supervisor,
+            (false, true) if record.permissions.contains(Permissions::RECORDING) => Role::Recorder,
+            (false, true) => {
+                return Err(ApiError::invalid(
+                    "recorder",
+                    "this session was not created with the recording permission",
+                ));
+            }
+            (true, true) => {
+                return Err(ApiError::invalid(
+                    "recorder",
+                    "a participant is a supervisor or a recorder, not both",
+                ));
+            }
+        };
+        self.publish_event(
+            &record,
+            EventNote::new(pb::EventKind::OperatorJoined, pb::EventActor::Operator)
+                .detail(format!("{} {participant}", role.name())),
+        )
+        .await?;
+        let token = self.participant_token(&record, role, participant, public_key)?;
+        metrics::counter!(telemetry::JOINS, "role" => role.name()).increment(1);
+        tracing::info!(session = %id, participant, role = role.name(), "operator joined");
         Ok(self.join_response(&record, token))
     }
 
@@ -235,13 +259,16 @@ impl Core {
                 | pb::EventKind::Paused
                 | pb::EventKind::Resumed
                 | pb::EventKind::TimeWarning
-                | pb::EventKind::FileTransfer),
+                | pb::EventKind::FileTransfer
+                | pb::EventKind::SupervisorAdmitted
+                | pb::EventKind::SupervisorRefused),
             ) => k,
             _ => {
                 return Err(ApiError::InvalidArgument {
                     field: "kind",
                     reason: "a host may report permission_requested, consent_revoked, \
-                             paused, resumed, time_warning or file_transfer"
+                             paused, resumed, time_warning, file_transfer, \
+                             supervisor_admitted or supervisor_refused"
                         .into(),
                 });
             }
@@ -292,7 +319,7 @@ impl Core {
     ) -> Result<pb::JoinResponse, ApiError> {
         let claims = self.verify_token(&req.token)?;
         claims
-            .expect_role(&[Role::Host, Role::Viewer])
+            .expect_role(&[Role::Host, Role::Viewer, Role::Supervisor, Role::Recorder])
             .map_err(ApiError::BadToken)?;
         validate::bounded_text(
             "failed_relay_id",
@@ -467,5 +494,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
         result
             .map(Response::new)
             .map_err(|e| e.status("ResumeSession"))
+    }
+
+    async fn poll_device(
+        &self,
+        request: Request<pb::PollDeviceRequest>,
+    ) -> Result<Response<pb::PollDeviceResponse>, Status> {
+        self.core
+            .poll_device(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status("PollDevice"))
     }
 }

@@ -1,4 +1,8 @@
 //! `SessionService`: what call-center software calls.
+//!
+//! Every call is authenticated first (`crate::auth`) and scoped to the caller's tenant:
+//! a session of another tenant answers PERMISSION_DENIED on every RPC, ListSessions
+//! lists only the caller's tenant, and an auditor key may only read.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,6 +14,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::{Core, now_ms};
+use crate::auth::{Action, Authenticator, CallError, Caller};
 use crate::backend::sessions::{ListFilter, SessionRecord};
 use crate::error::ApiError;
 use crate::{random, telemetry, validate};
@@ -18,30 +23,79 @@ use crate::{random, telemetry, validate};
 #[derive(Clone)]
 pub struct SessionApi {
     core: Arc<Core>,
+    auth: Arc<dyn Authenticator>,
 }
 
 impl SessionApi {
+    /// Authenticates as `core.config.auth` says, against `core.backends.auth`.
     pub fn new(core: Arc<Core>) -> Self {
-        Self { core }
+        let auth = crate::auth::authenticator(&core.config.auth, core.backends.auth.clone());
+        Self { core, auth }
+    }
+
+    /// The caller of `request`, allowed to do `action` (tenant checks come later, once
+    /// the session is known).
+    async fn caller<T>(&self, request: &Request<T>, action: Action) -> Result<Caller, CallError> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        caller.require(action)?;
+        Ok(caller)
     }
 }
 
 impl Core {
+    /// Creates a session in WAITING with a fresh code. Its duration is the request's
+    /// `max_duration_secs` (0: the tenant's default, else the cluster's), capped at the
+    /// tenant's maximum (else the cluster's): an over-long request is shortened, never
+    /// refused, and the returned session's deadline is the one the relay enforces.
+    ///
+    /// An empty `tenant` is the caller's, an empty `operator` the caller's key name; a
+    /// tenant key may create sessions of its own tenant only, and only in the modes the
+    /// tenant's stored policy allows.
     pub async fn create_session(
         &self,
-        req: pb::CreateSessionRequest,
-    ) -> Result<pb::CreateSessionResponse, ApiError> {
+        caller: &Caller,
+        mut req: pb::CreateSessionRequest,
+    ) -> Result<pb::CreateSessionResponse, CallError> {
         let started = Instant::now();
+        if req.tenant.is_empty() && !caller.is_cluster_wide() {
+            req.tenant = caller.tenant.clone();
+        }
+        // Unattended access: checked before anything is allocated; it fixes the tenant
+        // (for a cluster-wide caller naming none) and the operator (the key's name).
+        let device = if req.device_id.is_empty() {
+            None
+        } else {
+            caller.require_tenant(&req.tenant, "the tenant named in the request")?;
+            Some(self.check_unattended(caller, &mut req).await?)
+        };
+        if req.operator.is_empty() && !caller.name.is_empty() {
+            req.operator = caller.name.clone();
+        }
         validate::name("tenant", &req.tenant)?;
+        caller.require_tenant(&req.tenant, "the tenant named in the request")?;
         validate::name("operator", &req.operator)?;
         let mode = validate::mode(req.mode)?;
         let requested = validate::permission_bits("permissions", req.permissions)?;
         let permissions = validate::session_permissions(requested, mode);
-        let duration = validate::max_duration(
-            req.max_duration_secs,
+        // The tenant's policy (else the cluster's) sets the default and the cap. A request
+        // for longer than the cap is cut to it, not refused, as the cluster maximum always
+        // was; the response's `deadline_unix_ms` shows the duration granted. A policy set
+        // through AdminService lies over the static `--tenant-policy` one.
+        let mut limits = self.config.tenants.limits(
+            &req.tenant,
             self.config.default_max_duration,
             self.config.max_max_duration,
         );
+        if let Some(stored) = self.backends.auth.get_policy(&req.tenant).await? {
+            if !stored.allows(mode) {
+                return Err(CallError::ModeNotAllowed {
+                    tenant: req.tenant,
+                    mode: mode.name(),
+                });
+            }
+            limits = stored.limits(limits, self.config.max_max_duration);
+        }
+        let duration = limits.session_duration(req.max_duration_secs);
 
         let id = Self::new_session_id()?;
         let ticket = random::bytes::<32>()?;
@@ -58,7 +112,7 @@ impl Core {
             }
             Err(e) => {
                 self.release_quietly(&relay.relay_id).await;
-                return Err(e.into());
+                return Err(ApiError::from(e).into());
             }
         };
         let created = now_ms();
@@ -88,9 +142,12 @@ impl Core {
             if let Err(e) = self.backends.codes.revoke(&code).await {
                 tracing::warn!(session = %id, error = %e, "could not revoke the code of a failed create");
             }
-            return Err(e.into());
+            return Err(ApiError::from(e).into());
         }
         self.publish(&record, pb::EventKind::Created).await?;
+        if let Some(grant) = &device {
+            self.start_unattended(grant, &record).await?;
+        }
         metrics::counter!(telemetry::SESSIONS_CREATED).increment(1);
         metrics::histogram!(telemetry::CREATE_SESSION_SECONDS)
             .record(started.elapsed().as_secs_f64());
@@ -98,6 +155,7 @@ impl Core {
             session = %id,
             tenant = %record.tenant,
             mode = mode.name(),
+            duration_secs = duration.as_secs(),
             relay = %record.relay.relay_id,
             "session created"
         );
@@ -114,14 +172,27 @@ impl Core {
         }
     }
 
+    /// The session, if the caller may see it.
+    pub async fn get_for(&self, caller: &Caller, id: &str) -> Result<SessionRecord, CallError> {
+        let id = validate::session_id(id)?;
+        let record = self.get(id).await?;
+        caller.require_tenant(&record.tenant, "the session")?;
+        Ok(record)
+    }
+
+    /// The caller's tenant's sessions. A tenant key lists only its own tenant (an empty
+    /// `tenant` means it; another tenant's name is refused); the cluster admin (and every
+    /// caller with auth disabled) lists any tenant, or all with an empty `tenant`.
     pub async fn list_sessions(
         &self,
+        caller: &Caller,
         req: pb::ListSessionsRequest,
-    ) -> Result<pb::ListSessionsResponse, ApiError> {
+    ) -> Result<pb::ListSessionsResponse, CallError> {
         let tenant = if req.tenant.is_empty() {
-            None
+            (!caller.is_cluster_wide()).then(|| caller.tenant.clone())
         } else {
             validate::name("tenant", &req.tenant)?;
+            caller.require_tenant(&req.tenant, "the tenant named in the request")?;
             Some(req.tenant)
         };
         let records = self
@@ -138,9 +209,14 @@ impl Core {
         })
     }
 
-    pub async fn end_session(&self, req: pb::EndSessionRequest) -> Result<pb::Session, ApiError> {
-        let id = validate::session_id(&req.session_id)?;
+    pub async fn end_session(
+        &self,
+        caller: &Caller,
+        req: pb::EndSessionRequest,
+    ) -> Result<pb::Session, CallError> {
         validate::bounded_text("detail", &req.detail, validate::MAX_DETAIL_CHARS)?;
+        // A session's tenant never changes, so checking it before the end is enough.
+        let id = self.get_for(caller, &req.session_id).await?.id;
         let record = self
             .end_by(
                 id,
@@ -156,20 +232,20 @@ impl Core {
     /// Every event of the session so far, from the event backend: the audit log.
     pub async fn get_audit_log(
         &self,
+        caller: &Caller,
         req: pb::GetAuditLogRequest,
-    ) -> Result<pb::GetAuditLogResponse, ApiError> {
-        let id = validate::session_id(&req.session_id)?;
-        self.get(id).await?;
+    ) -> Result<pb::GetAuditLogResponse, CallError> {
+        let id = self.get_for(caller, &req.session_id).await?.id;
         let events = self.backends.events.read(id).await?;
         Ok(pb::GetAuditLogResponse { events })
     }
 
     pub async fn watch_session(
         &self,
+        caller: &Caller,
         req: pb::WatchSessionRequest,
-    ) -> Result<WatchStream, ApiError> {
-        let id = validate::session_id(&req.session_id)?;
-        self.get(id).await?;
+    ) -> Result<WatchStream, CallError> {
+        let id = self.get_for(caller, &req.session_id).await?.id;
         let events = self.backends.events.subscribe(id).await?;
         // Yield events up to and including ENDED, then close; also close at shutdown so a
         // graceful stop does not wait on watchers.
@@ -197,7 +273,13 @@ impl pb::session_service_server::SessionService for SessionApi {
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
         let started = Instant::now();
-        let result = self.core.create_session(request.into_inner()).await;
+        let result = async {
+            let caller = self.caller(&request, Action::WriteSessions).await?;
+            self.core
+                .create_session(&caller, request.into_inner())
+                .await
+        }
+        .await;
         let session = result.as_ref().ok().and_then(|r| r.session.as_ref());
         crate::telemetry::otel::rpc_step("session.create", started, session);
         result
@@ -210,8 +292,12 @@ impl pb::session_service_server::SessionService for SessionApi {
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let result = async {
-            let id = validate::session_id(&request.get_ref().session_id)?;
-            Ok::<_, ApiError>(self.core.get(id).await?.to_pb())
+            let caller = self.caller(&request, Action::ReadSessions).await?;
+            let record = self
+                .core
+                .get_for(&caller, &request.get_ref().session_id)
+                .await?;
+            Ok::<_, CallError>(record.to_pb())
         }
         .await;
         result
@@ -223,9 +309,12 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        self.core
-            .list_sessions(request.into_inner())
-            .await
+        let result = async {
+            let caller = self.caller(&request, Action::ReadSessions).await?;
+            self.core.list_sessions(&caller, request.into_inner()).await
+        }
+        .await;
+        result
             .map(Response::new)
             .map_err(|e| e.status("ListSessions"))
     }
@@ -235,7 +324,11 @@ impl pb::session_service_server::SessionService for SessionApi {
         request: Request<pb::EndSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let started = Instant::now();
-        let result = self.core.end_session(request.into_inner()).await;
+        let result = async {
+            let caller = self.caller(&request, Action::WriteSessions).await?;
+            self.core.end_session(&caller, request.into_inner()).await
+        }
+        .await;
         crate::telemetry::otel::rpc_step("session.end", started, result.as_ref().ok());
         result
             .map(Response::new)
@@ -246,9 +339,12 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::GetAuditLogRequest>,
     ) -> Result<Response<pb::GetAuditLogResponse>, Status> {
-        self.core
-            .get_audit_log(request.into_inner())
-            .await
+        let result = async {
+            let caller = self.caller(&request, Action::ReadSessions).await?;
+            self.core.get_audit_log(&caller, request.into_inner()).await
+        }
+        .await;
+        result
             .map(Response::new)
             .map_err(|e| e.status("GetAuditLog"))
     }
@@ -259,9 +355,12 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::WatchSessionRequest>,
     ) -> Result<Response<Self::WatchSessionStream>, Status> {
-        self.core
-            .watch_session(request.into_inner())
-            .await
+        let result = async {
+            let caller = self.caller(&request, Action::ReadSessions).await?;
+            self.core.watch_session(&caller, request.into_inner()).await
+        }
+        .await;
+        result
             .map(Response::new)
             .map_err(|e| e.status("WatchSession"))
     }

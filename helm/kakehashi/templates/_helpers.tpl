@@ -60,6 +60,14 @@ app.kubernetes.io/part-of: kakehashi
 {{- end }}
 
 {{/* Name of the Secret that holds the signing seed. */}}
+{{- define "kakehashi.adminKeySecretName" -}}
+{{- if .Values.auth.bootstrapAdminKey.existingSecret }}
+{{- .Values.auth.bootstrapAdminKey.existingSecret }}
+{{- else }}
+{{- printf "%s-bootstrap-admin-key" (include "kakehashi.fullname" .) }}
+{{- end }}
+{{- end }}
+
 {{- define "kakehashi.signingSecretName" -}}
 {{- if .Values.signingKey.existingSecret }}
 {{- .Values.signingKey.existingSecret }}

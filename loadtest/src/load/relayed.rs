@@ -72,6 +72,7 @@ async fn set_up(
 ) -> Result<(String, Host, Viewer)> {
     let created = api
         .create_session(pb::CreateSessionRequest {
+            device_id: String::new(),
             tenant: "loadtest".into(),
             operator: "loadtest-operator".into(),
             mode: pb::SessionMode::Control as i32,
@@ -90,6 +91,8 @@ async fn set_up(
         &created.operator_ticket,
         ViewerConfig {
             request_on_join: Some((Permissions::CONTROL, "load test".into())),
+            supervisor: false,
+            recorder: false,
         },
     )
     .await

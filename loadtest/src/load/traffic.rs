@@ -104,6 +104,7 @@ pub fn screen_frame(
         height: 720,
         key_frame: key,
         data,
+        group_key: None,
     }
 }
 
