@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ed25519_dalek::{Signer, SigningKey};
+pub use kakehashi_proto::device::{PROOF_DOMAIN, device_id_of, proof_message};
 use kakehashi_proto::pb::agent_service_client::AgentServiceClient;
 use kakehashi_proto::{Mode, Permissions, pb};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -24,8 +24,6 @@ use tracing::{debug, warn};
 use crate::error::connect_coordinator;
 use crate::{AgentError, Consent, Host, HostConfig, HostOptions};
 
-/// Signed before the device id, so a poll signature is valid for nothing else.
-pub const PROOF_DOMAIN: &[u8] = b"kakehashi-device-poll-v1\0";
 /// The default pause between two polls.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// A key file is one line of 64 hex digits; anything longer is not one.
@@ -166,21 +164,6 @@ impl DeviceKey {
     }
 }
 
-/// The device id of a public key: the first 16 bytes of its SHA-256, in hex.
-pub fn device_id_of(public_key: &[u8; 32]) -> String {
-    hex::encode(&Sha256::digest(public_key)[..16])
-}
-
-/// What a device signs to poll.
-pub fn proof_message(device_id: &str, timestamp_ms: i64) -> Vec<u8> {
-    let mut m = Vec::with_capacity(PROOF_DOMAIN.len() + device_id.len() + 9);
-    m.extend_from_slice(PROOF_DOMAIN);
-    m.extend_from_slice(device_id.as_bytes());
-    m.push(0);
-    m.extend_from_slice(&timestamp_ms.to_be_bytes());
-    m
-}
-
 /// What the device consents to without asking: what the session allows (VIEW, plus
 /// CONTROL in a control session, and whatever else its permissions name), never more.
 pub fn consent_for(pending: &pb::PendingDeviceSession) -> Consent {
@@ -301,16 +284,6 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn proof_message_layout_is_fixed() {
-        // The coordinator (coordinator/src/unattended.rs) pins the same vector.
-        let m = proof_message("00ff", 0x0102_0304_0506_0708);
-        assert_eq!(
-            hex::encode(m),
-            "6b616b6568617368692d6465766963652d706f6c6c2d76310030306666000102030405060708"
-        );
-    }
 
     #[test]
     fn a_poll_request_verifies_with_the_public_key() {

@@ -54,4 +54,4 @@ pub use input::{ControlGate, Injector, InputAction, InputError, InputSink, XTest
 pub use overlay::{IndicatorState, Overlay, OverlayError, OverlayOptions};
 pub use source::{CaptureConfig, CaptureError, ScreenSource, SyntheticSource};
 pub use stream::{ScreenStream, StreamHandle, StreamStats};
-pub use x11::X11Source;
+pub use x11::{ScreenFormat, X11Source};

@@ -19,9 +19,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use ed25519_dalek::{Signature, VerifyingKey};
+pub use kakehashi_proto::device::{DEVICE_ID_HEX, PROOF_DOMAIN, device_id_of, proof_message};
 use kakehashi_proto::pb;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tonic::Status;
 
 use crate::auth::{AuthMode, Caller};
@@ -30,13 +30,8 @@ use crate::error::ApiError;
 use crate::service::{Core, EventNote, now_ms};
 use crate::validate;
 
-/// Signed by the device before `device_id`, so a poll signature is never valid as
-/// anything else.
-pub const PROOF_DOMAIN: &[u8] = b"kakehashi-device-poll-v1\0";
 /// How far a poll's timestamp may be from the coordinator's clock.
 pub const POLL_WINDOW_MS: i64 = 60_000;
-/// Hex digits of a device id (16 bytes of SHA-256 of the public key).
-pub const DEVICE_ID_HEX: usize = 32;
 /// Devices a tenant may enrol, so listing stays bounded.
 pub const MAX_DEVICES_PER_TENANT: usize = 10_000;
 /// Names in an allow or deny list.
@@ -120,21 +115,6 @@ impl PendingSession {
             permissions: self.permissions,
         }
     }
-}
-
-/// The device id of a public key: the first 16 bytes of its SHA-256, in hex.
-pub fn device_id_of(public_key: &[u8; 32]) -> String {
-    hex::encode(&Sha256::digest(public_key)[..DEVICE_ID_HEX / 2])
-}
-
-/// What a device signs to poll.
-pub fn proof_message(device_id: &str, timestamp_ms: i64) -> Vec<u8> {
-    let mut m = Vec::with_capacity(PROOF_DOMAIN.len() + device_id.len() + 9);
-    m.extend_from_slice(PROOF_DOMAIN);
-    m.extend_from_slice(device_id.as_bytes());
-    m.push(0);
-    m.extend_from_slice(&timestamp_ms.to_be_bytes());
-    m
 }
 
 /// Why a poll was refused before the store was asked; everything but a store error.
@@ -451,16 +431,6 @@ mod tests {
 
     fn key() -> SigningKey {
         SigningKey::from_bytes(&[7u8; 32])
-    }
-
-    #[test]
-    fn proof_message_layout_is_fixed() {
-        // The agent (agent/src/device.rs) builds the same bytes; this vector pins them.
-        let m = proof_message("00ff", 0x0102_0304_0506_0708);
-        assert_eq!(
-            hex::encode(m),
-            "6b616b6568617368692d6465766963652d706f6c6c2d76310030306666000102030405060708"
-        );
     }
 
     #[test]

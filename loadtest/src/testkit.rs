@@ -15,7 +15,13 @@ pub const WAIT: Duration = Duration::from_secs(30);
 
 /// `fut`, or an error naming `what` after [`WAIT`].
 pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
-    tokio::time::timeout(WAIT, fut)
+    within_for(WAIT, what, fut).await
+}
+
+/// [`within`] with another guard, for what takes longer by nature (a QUIC idle timeout,
+/// a bitrate settling).
+pub async fn within_for<T>(wait: Duration, what: &str, fut: impl Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(wait, fut)
         .await
         .with_context(|| format!("timed out waiting for {what}"))
 }
@@ -23,7 +29,12 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
 /// Polls `cond` (a counter another thread or process updates: there is no event to
 /// await) until it holds.
 pub async fn until(what: &str, cond: impl Fn() -> bool) -> Result<()> {
-    within(what, async {
+    until_for(WAIT, what, cond).await
+}
+
+/// [`until`] with another guard.
+pub async fn until_for(wait: Duration, what: &str, cond: impl Fn() -> bool) -> Result<()> {
+    within_for(wait, what, async {
         while !cond() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -187,6 +198,32 @@ pub struct Attached {
     pub viewer: Viewer,
 }
 
+/// Creates a session and joins the operator's viewer, then the customer's host.
+async fn join_pair(
+    url: &str,
+    spec: &SessionSpec,
+    consent: kakehashi_agent::Consent,
+) -> Result<Attached> {
+    let (created, sid) = create_session(url, spec).await?;
+    let viewer = Viewer::join(
+        url,
+        &sid,
+        &created.operator_ticket,
+        kakehashi_agent::ViewerConfig::default(),
+    )
+    .await
+    .context("operator joins")?;
+    let host = Host::join(url, &created.code, kakehashi_agent::HostConfig { consent })
+        .await
+        .context("customer joins")?;
+    Ok(Attached {
+        created,
+        sid,
+        host,
+        viewer,
+    })
+}
+
 /// Creates a session, joins the operator's viewer and then the customer's host with
 /// `approve` scripted, and waits until the viewer sees VIEW granted (if `approve`
 /// has it).
@@ -195,33 +232,66 @@ pub async fn attached_pair(
     spec: &SessionSpec,
     approve: Permissions,
 ) -> Result<Attached> {
-    let (created, sid) = create_session(url, spec).await?;
-    let mut viewer = Viewer::join(
-        url,
-        &sid,
-        &created.operator_ticket,
-        kakehashi_agent::ViewerConfig::default(),
-    )
-    .await?;
-    let host = Host::join(
-        url,
-        &created.code,
-        kakehashi_agent::HostConfig {
-            consent: kakehashi_agent::Consent::Approve(approve),
-        },
-    )
-    .await?;
+    let mut pair = join_pair(url, spec, kakehashi_agent::Consent::Approve(approve)).await?;
     if approve.contains(Permissions::VIEW) {
-        viewer_until(&mut viewer, |ev| match ev {
+        viewer_until(&mut pair.viewer, |ev| match ev {
             ViewerEvent::GrantsChanged(g) if g.contains(Permissions::VIEW) => Some(()),
             _ => None,
         })
         .await?;
     }
-    Ok(Attached {
-        created,
-        sid,
-        host,
-        viewer,
+    Ok(pair)
+}
+
+/// Answers the next consent question on a [`kakehashi_agent::Consent::Manual`] host,
+/// which must ask for exactly `expected`: all of it, or nothing.
+pub async fn answer(host: &mut Host, expected: Permissions, yes: bool) -> Result<()> {
+    let asked = host_until(host, |ev| match ev {
+        HostEvent::ConsentRequested { permissions, .. } => Some(permissions),
+        _ => None,
     })
+    .await?;
+    anyhow::ensure!(
+        asked == expected,
+        "asked {asked}, expected one question for {expected}"
+    );
+    host.answer(if yes { asked } else { Permissions::NONE })?;
+    Ok(())
+}
+
+/// Creates a session, joins the operator's viewer and a host whose customer answers by
+/// hand ([`kakehashi_agent::Consent::Manual`]), answers the first question (VIEW) yes
+/// and waits until the host has granted it.
+pub async fn manual_pair(url: &str, spec: &SessionSpec) -> Result<Attached> {
+    let mut pair = join_pair(url, spec, kakehashi_agent::Consent::Manual).await?;
+    answer(&mut pair.host, Permissions::VIEW, true).await?;
+    host_until(&mut pair.host, |ev| match ev {
+        HostEvent::GrantsChanged(g) if g.contains(Permissions::VIEW) => Some(()),
+        _ => None,
+    })
+    .await?;
+    Ok(pair)
+}
+
+/// `N` random bytes as hex (names, namespaces and keys that must not collide).
+pub fn hex_random<const N: usize>() -> Result<String> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("system randomness: {e}"))?;
+    Ok(hex::encode(b))
+}
+
+/// A fresh API key in the coordinator's format, `kh_<16 hex>_<64 hex>`.
+pub fn api_key() -> Result<String> {
+    Ok(format!("kh_{}_{}", hex_random::<8>()?, hex_random::<32>()?))
+}
+
+/// `msg` with `authorization: Bearer KEY` (no header for an empty key).
+pub fn authed<T>(msg: T, key: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if !key.is_empty()
+        && let Ok(value) = format!("Bearer {key}").parse()
+    {
+        req.metadata_mut().insert("authorization", value);
+    }
+    req
 }

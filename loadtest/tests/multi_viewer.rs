@@ -13,7 +13,8 @@ use kakehashi_agent::{
 };
 use kakehashi_loadtest::LocalCluster;
 use kakehashi_loadtest::testkit::{
-    SessionSpec, audit_log, create_session, host_until_no_input as host_until, viewer_until, within,
+    Attached, SessionSpec, audit_log, create_session, host_until_no_input as host_until,
+    manual_pair, viewer_until, within,
 };
 use kakehashi_proto::Permissions;
 use kakehashi_proto::pb;
@@ -66,40 +67,14 @@ struct Room {
 
 async fn room() -> Result<Room> {
     let cluster = LocalCluster::builder().start().await?;
-    let (created, sid) = create_session(
-        &cluster.coordinator_url(),
-        &SessionSpec::default().permissions(Permissions::VIEW | Permissions::CONTROL),
-    )
-    .await?;
     let url = cluster.coordinator_url();
-    let operator = Viewer::join(
-        &url,
-        &sid,
-        &created.operator_ticket,
-        ViewerConfig::default(),
-    )
-    .await
-    .context("operator joins")?;
-    let mut host = Host::join(
-        &url,
-        &created.code,
-        HostConfig {
-            consent: Consent::Manual,
-        },
-    )
-    .await?;
-    let asked = host_until(&mut host, |ev| match ev {
-        HostEvent::ConsentRequested { permissions, .. } => Some(permissions),
-        _ => None,
-    })
-    .await?;
-    ensure!(asked == Permissions::VIEW, "first question was {asked}");
-    host.answer(Permissions::VIEW)?;
-    host_until(&mut host, |ev| match ev {
-        HostEvent::GrantsChanged(g) if g.contains(Permissions::VIEW) => Some(()),
-        _ => None,
-    })
-    .await?;
+    let spec = SessionSpec::default().permissions(Permissions::VIEW | Permissions::CONTROL);
+    let Attached {
+        created,
+        sid,
+        mut host,
+        viewer: operator,
+    } = manual_pair(&url, &spec).await?;
 
     let supervisor = Viewer::join(
         &url,
@@ -367,33 +342,16 @@ async fn a_recorder_gets_the_screen_only_while_recording_is_allowed() -> Result<
         "{err:#}"
     );
 
-    let (created, sid) = create_session(
+    let Attached {
+        created,
+        sid,
+        mut host,
+        viewer: mut operator,
+    } = manual_pair(
         &url,
         &view_only.permissions(Permissions::VIEW | Permissions::RECORDING),
     )
     .await?;
-    let mut operator = Viewer::join(
-        &url,
-        &sid,
-        &created.operator_ticket,
-        ViewerConfig::default(),
-    )
-    .await?;
-    let mut host = Host::join(
-        &url,
-        &created.code,
-        HostConfig {
-            consent: Consent::Manual,
-        },
-    )
-    .await?;
-    let asked = host_until(&mut host, |ev| match ev {
-        HostEvent::ConsentRequested { permissions, .. } => Some(permissions),
-        _ => None,
-    })
-    .await?;
-    ensure!(asked == Permissions::VIEW);
-    host.answer(Permissions::VIEW)?;
     let mut rec = Viewer::join(&url, &sid, &created.operator_ticket, recorder).await?;
     ensure!(rec.is_recorder());
     host_until(&mut host, |ev| {

@@ -14,17 +14,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use kakehashi_agent::host::{ScreenOptions, ScreenShare};
 use kakehashi_agent::media::CaptureConfig;
 use kakehashi_agent::media::xvfb::Xvfb;
-use kakehashi_agent::{Consent, Host, HostConfig, Viewer, ViewerConfig, ViewerEvent};
+use kakehashi_agent::{Host, Viewer};
 use kakehashi_loadtest::LocalCluster;
 use kakehashi_loadtest::proxy::RateLimit;
+use kakehashi_loadtest::testkit::{self, Attached, SessionSpec};
 use kakehashi_proto::Permissions;
-use kakehashi_proto::pb::{self, session_service_client::SessionServiceClient};
+use kakehashi_proto::pb;
 use tokio::task::JoinSet;
-use tokio::time::timeout;
 
 /// Failure guard for anything that must happen; not a timing.
 const WAIT: Duration = Duration::from_secs(90);
@@ -42,68 +42,19 @@ const SQUEEZED: RateLimit = RateLimit {
     queue: Duration::from_millis(200),
 };
 
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
-    timeout(WAIT, fut)
-        .await
-        .with_context(|| format!("timed out waiting for {what}"))
-}
-
 /// Polls a value the adaptation task updates; it has no event to await.
 async fn until(what: &str, cond: impl Fn() -> bool) -> Result<()> {
-    within(what, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
+    testkit::until_for(WAIT, what, cond).await
 }
 
 /// A session with the viewer attached and VIEW granted, the viewer waiting for the grant.
 async fn attached_pair(cluster: &LocalCluster) -> Result<(Host, Viewer)> {
-    let mut api = SessionServiceClient::connect(cluster.coordinator_url()).await?;
-    let created = api
-        .create_session(pb::CreateSessionRequest {
-            device_id: String::new(),
-            tenant: "acme".into(),
-            operator: "op-7".into(),
-            mode: pb::SessionMode::View as i32,
-            permissions: 0,
-            max_duration_secs: 600,
-        })
-        .await?
-        .into_inner();
-    let sid = created
-        .session
-        .as_ref()
-        .map(|s| s.session_id.clone())
-        .context("no session")?;
-    let url = cluster.coordinator_url();
-    let mut viewer = Viewer::join(
-        &url,
-        &sid,
-        &created.operator_ticket,
-        ViewerConfig::default(),
+    let Attached { host, viewer, .. } = testkit::attached_pair(
+        &cluster.coordinator_url(),
+        &SessionSpec::mode(pb::SessionMode::View),
+        Permissions::VIEW,
     )
     .await?;
-    let host = Host::join(
-        &url,
-        &created.code,
-        HostConfig {
-            consent: Consent::Approve(Permissions::VIEW),
-        },
-    )
-    .await?;
-    within("the grant at the viewer", async {
-        while let Some(ev) = viewer.next_event().await {
-            match ev {
-                ViewerEvent::GrantsChanged(g) if g.contains(Permissions::VIEW) => return Ok(()),
-                ViewerEvent::Ended { reason, detail } => bail!("ended: {reason:?} {detail}"),
-                _ => {}
-            }
-        }
-        bail!("viewer event stream closed")
-    })
-    .await??;
     Ok((host, viewer))
 }
 

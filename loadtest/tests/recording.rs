@@ -10,41 +10,16 @@ use anyhow::{Context, Result, bail, ensure};
 use kakehashi_agent::recording::{
     self, FrameRecord, Player, Record, RecordingKey, RecordingMeta, RecordingWriter, VerifyError,
 };
-use kakehashi_agent::{Consent, Host, HostConfig, HostEvent, Viewer, ViewerConfig, ViewerEvent};
+use kakehashi_agent::{HostEvent, Viewer, ViewerConfig, ViewerEvent};
 use kakehashi_loadtest::LocalCluster;
+use kakehashi_loadtest::testkit::{Attached, SessionSpec, host_until, manual_pair, within};
 use kakehashi_proto::Permissions;
-use kakehashi_proto::pb::{self, session_service_client::SessionServiceClient};
-use tokio::time::timeout;
+use kakehashi_proto::pb;
 
-/// Failure guard for what must happen; not a timing.
-const WAIT: Duration = Duration::from_secs(20);
 /// Frames recorded while the customer allows it, and sent after it is revoked.
 const RECORDED: usize = 8;
 const AFTER_REVOKE: usize = 4;
 const PICTURE_BYTES: usize = 20_000;
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
-    timeout(WAIT, fut)
-        .await
-        .with_context(|| format!("timed out waiting for {what}"))
-}
-
-async fn host_until<T>(host: &mut Host, mut pick: impl FnMut(HostEvent) -> Option<T>) -> Result<T> {
-    within("a host event", async {
-        while let Some(ev) = host.next_event().await {
-            let shown = format!("{ev:?}");
-            let ended = matches!(ev, HostEvent::Ended { .. });
-            if let Some(v) = pick(ev) {
-                return Ok(v);
-            }
-            if ended {
-                bail!("host: session ended: {shown}");
-            }
-        }
-        bail!("host event stream closed")
-    })
-    .await?
-}
 
 /// The next screen frame the operator shows: (sequence number, picture bytes).
 async fn operator_picture(viewer: &mut Viewer) -> Result<(u64, Vec<u8>)> {
@@ -165,52 +140,15 @@ fn segments(bytes: &[u8], meta: &RecordingMeta) -> Vec<(usize, usize)> {
 async fn a_recorder_records_only_while_the_customer_allows_and_the_file_proves_it() -> Result<()> {
     let dir = TempDir::new()?;
     let cluster = LocalCluster::builder().start().await?;
-    let mut api = SessionServiceClient::connect(cluster.coordinator_url()).await?;
-    let created = api
-        .create_session(pb::CreateSessionRequest {
-            tenant: "acme".into(),
-            operator: "op-7".into(),
-            mode: pb::SessionMode::View as i32,
-            permissions: (Permissions::VIEW | Permissions::RECORDING).bits(),
-            max_duration_secs: 600,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let sid = created
-        .session
-        .as_ref()
-        .map(|s| s.session_id.clone())
-        .context("no session")?;
     let url = cluster.coordinator_url();
-    let mut operator = Viewer::join(
-        &url,
-        &sid,
-        &created.operator_ticket,
-        ViewerConfig::default(),
-    )
-    .await
-    .context("operator joins")?;
-    let mut host = Host::join(
-        &url,
-        &created.code,
-        HostConfig {
-            consent: Consent::Manual,
-        },
-    )
-    .await?;
-    let asked = host_until(&mut host, |ev| match ev {
-        HostEvent::ConsentRequested { permissions, .. } => Some(permissions),
-        _ => None,
-    })
-    .await?;
-    ensure!(asked == Permissions::VIEW, "first question was {asked}");
-    host.answer(Permissions::VIEW)?;
-    host_until(&mut host, |ev| match ev {
-        HostEvent::GrantsChanged(g) if g.contains(Permissions::VIEW) => Some(()),
-        _ => None,
-    })
-    .await?;
+    let spec = SessionSpec::mode(pb::SessionMode::View)
+        .permissions(Permissions::VIEW | Permissions::RECORDING);
+    let Attached {
+        created,
+        sid,
+        mut host,
+        viewer: mut operator,
+    } = manual_pair(&url, &spec).await?;
 
     // The recorder attaches; the customer is asked about recording.
     let mut recorder = Viewer::join(

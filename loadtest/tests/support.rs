@@ -14,8 +14,8 @@ use kakehashi_agent::{
 };
 use kakehashi_loadtest::LocalCluster;
 use kakehashi_loadtest::testkit::{
-    SessionSpec, audit_log, counter_reaches, create_session, host_until_no_input as host_until,
-    viewer_until, within,
+    SessionSpec, answer, audit_log, counter_reaches, create_session,
+    host_until_no_input as host_until, viewer_until, within,
 };
 use kakehashi_proto::Permissions;
 use kakehashi_proto::pb::{self, session_service_client::SessionServiceClient};
@@ -116,21 +116,6 @@ async fn join_host(
         options,
     )
     .await?)
-}
-
-/// Answers the next question, which must ask for exactly `expected`.
-async fn answer(host: &mut Host, expected: Permissions, yes: bool) -> Result<()> {
-    let asked = host_until(host, |ev| match ev {
-        HostEvent::ConsentRequested { permissions, .. } => Some(permissions),
-        _ => None,
-    })
-    .await?;
-    ensure!(
-        asked == expected,
-        "asked {asked}, expected one question for {expected}"
-    );
-    host.answer(if yes { asked } else { Permissions::NONE })?;
-    Ok(())
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use kakehashi_agent::{Consent, Host, HostConfig, HostEvent, Viewer, ViewerConfig, ViewerEvent};
 use kakehashi_coordinator::backend::redis::{RedisConfig, RedisTarget};
+use kakehashi_loadtest::testkit::{api_key, authed, hex_random};
 use kakehashi_loadtest::{LocalCluster, services};
 use kakehashi_proto::Permissions;
 use kakehashi_proto::pb::{
@@ -19,28 +20,6 @@ use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn hex_random<const N: usize>() -> Result<String> {
-    let mut b = [0u8; N];
-    getrandom::fill(&mut b)?;
-    Ok(hex::encode(b))
-}
-
-/// A fresh cluster-admin key.
-fn bootstrap_key() -> Result<String> {
-    Ok(format!("kh_{}_{}", hex_random::<8>()?, hex_random::<32>()?))
-}
-
-/// `msg` with `authorization: Bearer KEY` (no header for an empty key).
-fn authed<T>(msg: T, key: &str) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    if !key.is_empty()
-        && let Ok(value) = format!("Bearer {key}").parse()
-    {
-        req.metadata_mut().insert("authorization", value);
-    }
-    req
-}
-
 struct Fixture {
     cluster: LocalCluster,
     admin: String,
@@ -50,7 +29,7 @@ struct Fixture {
 
 impl Fixture {
     async fn start(redis: Option<RedisConfig>) -> Result<Self> {
-        let admin = bootstrap_key()?;
+        let admin = api_key()?;
         let mut builder = LocalCluster::builder().api_keys(admin.clone());
         if let Some(redis) = redis {
             builder = builder.redis(redis);
@@ -293,7 +272,7 @@ async fn missing_bad_unknown_and_revoked_keys_are_unauthenticated() -> Result<()
         .and_then(|r| r.split_once('_'))
         .context("key format")?;
     let wrong_secret = format!("kh_{key_id}_{}", hex_random::<32>()?);
-    let unknown = bootstrap_key()?;
+    let unknown = api_key()?;
     for (what, key, says) in [
         ("no key", String::new(), "missing API key"),
         ("not a key", "hunter2".to_owned(), "malformed"),
@@ -742,7 +721,7 @@ async fn the_python_client_creates_a_session_with_an_api_key() -> Result<()> {
     assert_eq!(status, 0, "{ended}");
     assert_eq!(ended["ended_state"], "SESSION_STATE_ENDED");
 
-    let wrong = bootstrap_key()?;
+    let wrong = api_key()?;
     let (refused, status) = run_example(&python, &gen_dir.0, &addr, &wrong, &[]).await?;
     assert_eq!(status, 2, "{refused}");
     assert_eq!(refused["error"], "UNAUTHENTICATED");

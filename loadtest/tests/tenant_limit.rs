@@ -12,23 +12,13 @@ use kakehashi_agent::{
 use kakehashi_coordinator::TenantPolicies;
 use kakehashi_coordinator::tenants::parse_spec;
 use kakehashi_loadtest::LocalCluster;
+use kakehashi_loadtest::testkit::within;
 use kakehashi_proto::Permissions;
 use kakehashi_proto::pb::{self, session_service_client::SessionServiceClient};
-use tokio::time::timeout;
-
-/// Bound for a session that should end within seconds; a hang fails the test. Not a
-/// timing assertion.
-const WAIT: Duration = Duration::from_secs(30);
 
 /// The tenant's maximum; its call-center software asks for ten minutes regardless.
 const TENANT_MAX_SECS: u64 = 4;
 const ASKED_SECS: u32 = 600;
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
-    timeout(WAIT, fut)
-        .await
-        .with_context(|| format!("timed out waiting for {what}"))
-}
 
 fn policies() -> Result<TenantPolicies> {
     let mut t = TenantPolicies::new();

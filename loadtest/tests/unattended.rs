@@ -11,7 +11,7 @@ use anyhow::{Context, Result, ensure};
 use kakehashi_agent::device::{self, DeviceKey, Poller};
 use kakehashi_agent::{HostOptions, SyntheticScreen, Viewer, ViewerConfig, ViewerEvent};
 use kakehashi_coordinator::backend::redis::{RedisConfig, RedisTarget};
-use kakehashi_loadtest::testkit::{viewer_until, within};
+use kakehashi_loadtest::testkit::{api_key, authed, hex_random, viewer_until, within};
 use kakehashi_loadtest::{LocalCluster, services};
 use kakehashi_proto::pb::{
     self, admin_service_client::AdminServiceClient, agent_service_client::AgentServiceClient,
@@ -22,23 +22,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn hex_random<const N: usize>() -> Result<String> {
-    let mut b = [0u8; N];
-    getrandom::fill(&mut b)?;
-    Ok(hex::encode(b))
-}
-
-/// `msg` with `authorization: Bearer KEY` (no header for an empty key).
-fn authed<T>(msg: T, key: &str) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    if !key.is_empty()
-        && let Ok(value) = format!("Bearer {key}").parse()
-    {
-        req.metadata_mut().insert("authorization", value);
-    }
-    req
-}
 
 fn unix_ms() -> i64 {
     std::time::SystemTime::now()
@@ -58,11 +41,7 @@ struct Fixture {
 
 impl Fixture {
     async fn start(auth: bool, redis: Option<RedisConfig>) -> Result<Self> {
-        let root = if auth {
-            format!("kh_{}_{}", hex_random::<8>()?, hex_random::<32>()?)
-        } else {
-            String::new()
-        };
+        let root = if auth { api_key()? } else { String::new() };
         let mut builder = LocalCluster::builder();
         if auth {
             builder = builder.api_keys(root.clone());

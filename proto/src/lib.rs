@@ -19,6 +19,7 @@
 //! - Only `Signal` frames are plaintext; every other payload is end-to-end ciphertext.
 
 pub mod dataplane;
+pub mod device;
 pub mod frame;
 pub mod ids;
 pub mod membership;

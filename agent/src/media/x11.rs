@@ -19,6 +19,45 @@ use super::frame::{Frame, pack_bgra, scale_bgra, scaled_size};
 use super::source::{CaptureConfig, CaptureError, ScreenSource};
 
 /// Captures the root window of an X screen.
+/// A screen's pixel layout, as the server's setup describes it. Capture, the overlay and
+/// the viewer window all need TrueColor at 24 or 32 bits in 32-bit little-endian pixels
+/// (BGRX in memory); anything else (palettes, 16-bit, big-endian servers) would need
+/// converters none of them has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScreenFormat {
+    pub depth: u8,
+    pub bits_per_pixel: u8,
+    pub lsb_first: bool,
+}
+
+impl ScreenFormat {
+    pub fn of(setup: &x11rb::protocol::xproto::Setup, depth: u8) -> Self {
+        let bits_per_pixel = setup
+            .pixmap_formats
+            .iter()
+            .find(|f| f.depth == depth)
+            .map_or(0, |f| f.bits_per_pixel);
+        Self {
+            depth,
+            bits_per_pixel,
+            lsb_first: setup.image_byte_order == ImageOrder::LSB_FIRST,
+        }
+    }
+
+    /// 32-bit little-endian TrueColor: BGRX in memory.
+    pub fn is_bgrx(&self) -> bool {
+        (self.depth == 24 || self.depth == 32) && self.bits_per_pixel == 32 && self.lsb_first
+    }
+
+    pub fn byte_order(&self) -> &'static str {
+        if self.lsb_first {
+            "LSB first"
+        } else {
+            "MSB first"
+        }
+    }
+}
+
 pub struct X11Source {
     display: String,
     conn: RustConnection,
@@ -70,20 +109,15 @@ impl X11Source {
                 screen: screen_num,
             })?;
         let depth = screen.root_depth;
-        let bpp = setup
-            .pixmap_formats
-            .iter()
-            .find(|f| f.depth == depth)
-            .map_or(0, |f| f.bits_per_pixel);
-        let lsb = setup.image_byte_order == ImageOrder::LSB_FIRST;
+        let format = ScreenFormat::of(setup, depth);
         // 24/32-bit TrueColor in little-endian order is BGRA in memory; anything else
         // (8-bit palettes, 16-bit, big-endian servers) would need a converter we lack.
-        if !(depth == 24 || depth == 32) || bpp != 32 || !lsb {
+        if !format.is_bgrx() {
             return Err(CaptureError::UnsupportedFormat {
                 display: name,
                 depth,
-                bits_per_pixel: bpp,
-                byte_order: if lsb { "LSB first" } else { "MSB first" },
+                bits_per_pixel: format.bits_per_pixel,
+                byte_order: format.byte_order(),
             });
         }
         let (root, screen_w, screen_h) =

@@ -21,8 +21,8 @@ use x11rb::errors::{ConnectError, ConnectionError, ReplyOrIdError};
 use x11rb::protocol::Event;
 use x11rb::protocol::xproto::{
     Atom, AtomEnum, ChangeGCAux, ClientMessageEvent, ConfigureWindowAux, ConnectionExt as _,
-    CreateGCAux, CreateWindowAux, EventMask, Gcontext, ImageFormat, ImageOrder, InputFocus,
-    KeyButMask, PropMode, Rectangle, Window, WindowClass,
+    CreateGCAux, CreateWindowAux, EventMask, Gcontext, ImageFormat, InputFocus, KeyButMask,
+    PropMode, Rectangle, Window, WindowClass,
 };
 use x11rb::rust_connection::RustConnection;
 use x11rb::wrapper::ConnectionExt as _;
@@ -300,19 +300,14 @@ impl ViewerWindow {
             })?
             .clone();
         let depth = screen.root_depth;
-        let bpp = setup
-            .pixmap_formats
-            .iter()
-            .find(|f| f.depth == depth)
-            .map_or(0, |f| f.bits_per_pixel);
-        let lsb = setup.image_byte_order == ImageOrder::LSB_FIRST;
+        let format = crate::media::ScreenFormat::of(setup, depth);
         // The picture goes to the server as BGRX; other formats would need converters.
-        if !(depth == 24 || depth == 32) || bpp != 32 || !lsb {
+        if !format.is_bgrx() {
             return Err(WindowError::UnsupportedFormat {
                 display: name,
                 depth,
-                bits_per_pixel: bpp,
-                byte_order: if lsb { "LSB first" } else { "MSB first" },
+                bits_per_pixel: format.bits_per_pixel,
+                byte_order: format.byte_order(),
             });
         }
         let (min_keycode, max_keycode) = (setup.min_keycode, setup.max_keycode);

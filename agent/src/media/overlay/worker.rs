@@ -10,7 +10,7 @@ use x11rb::protocol::shape::{self, ConnectionExt as _};
 use x11rb::protocol::xproto::{
     AtomEnum, ChangeGCAux, ChangeWindowAttributesAux, ClipOrdering, ConfigureWindowAux,
     ConnectionExt as _, CreateGCAux, CreateWindowAux, EventMask, Font, Gcontext, ImageFormat,
-    ImageOrder, Pixmap, PropMode, Rectangle, StackMode, Window, WindowClass,
+    Pixmap, PropMode, Rectangle, StackMode, Window, WindowClass,
 };
 use x11rb::rust_connection::RustConnection;
 use x11rb::wrapper::ConnectionExt as _;
@@ -85,20 +85,15 @@ impl Worker {
             })?
             .clone();
         let depth = screen.root_depth;
-        let bpp = setup
-            .pixmap_formats
-            .iter()
-            .find(|f| f.depth == depth)
-            .map_or(0, |f| f.bits_per_pixel);
-        let lsb = setup.image_byte_order == ImageOrder::LSB_FIRST;
+        let format = crate::media::ScreenFormat::of(setup, depth);
         // The marker is a BGRX image and colours are 0xRRGGBB pixels: TrueColor at 24
         // or 32 bits, little-endian, as X11Source needs too.
-        if !(depth == 24 || depth == 32) || bpp != 32 || !lsb {
+        if !format.is_bgrx() {
             return Err(OverlayError::UnsupportedFormat {
                 display: name,
                 depth,
-                bits_per_pixel: bpp,
-                byte_order: if lsb { "LSB first" } else { "MSB first" },
+                bits_per_pixel: format.bits_per_pixel,
+                byte_order: format.byte_order(),
             });
         }
         let shape_ok = conn
