@@ -135,6 +135,10 @@ pub enum HostEvent {
     ConsentRequested {
         permissions: Permissions,
         note: String,
+        /// The security code of whoever asks: the operator's, or a supervisor's.
+        sas: String,
+        /// The question is whether a supervisor may watch too (answer VIEW to admit).
+        supervisor: bool,
     },
     /// The full granted set changed.
     GrantsChanged(Permissions),
@@ -1668,6 +1672,8 @@ impl Driver {
                 self.emit(HostEvent::ConsentRequested {
                     permissions: req.permissions,
                     note: req.note,
+                    sas: req.sas,
+                    supervisor: req.supervisor,
                 })
                 .await;
             }

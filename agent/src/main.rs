@@ -388,10 +388,13 @@ async fn host(args: HostArgs) -> Result<()> {
                     let _ = tokio::time::timeout(Duration::from_secs(6), drained).await;
                     return Ok(());
                 }
-                Some(HostEvent::ConsentRequested { permissions, note }) => {
-                    let sas = host.sas().unwrap_or_default();
-                    println!("The operator (check the code {sas}) asks for: {permissions}{}. Allow? [y/n]",
-                        if note.is_empty() { String::new() } else { format!(" (\"{note}\")") });
+                Some(HostEvent::ConsentRequested { permissions, note, sas, supervisor }) => {
+                    if supervisor {
+                        println!("A supervisor (check the code {sas}) asks to watch your screen too. Allow? [y/n]");
+                    } else {
+                        println!("The operator (check the code {sas}) asks for: {permissions}{}. Allow? [y/n]",
+                            if note.is_empty() { String::new() } else { format!(" (\"{note}\")") });
+                    }
                     questions.push_back(Question::Permissions(permissions));
                     if lines.is_none() {
                         // No terminal to answer on: nothing is granted without a yes.
@@ -861,7 +864,9 @@ fn print_host_event(ev: &HostEvent) {
         }
         HostEvent::FileCancelled { reason, .. } => println!("A file transfer stopped: {reason}"),
         HostEvent::FileOffered { .. } | HostEvent::FileReceived { .. } => {}
-        HostEvent::ConsentRequested { permissions, note } => {
+        HostEvent::ConsentRequested {
+            permissions, note, ..
+        } => {
             println!("The operator asks for {permissions}: {note}")
         }
         HostEvent::KeyFrameRequested => tracing::debug!("key frame requested"),
@@ -934,7 +939,12 @@ async fn view(args: ViewArgs) -> Result<()> {
                 }
                 Some(ViewerEvent::Ended { reason, detail }) => {
                     report(total, &mut window);
-                    print_end(reason, &detail);
+                    if reason == pb::EndReason::Unspecified && viewer.is_supervisor() {
+                        // A supervisor's own leaving; the session goes on without it.
+                        println!("You left the session ({detail}).");
+                    } else {
+                        print_end(reason, &detail);
+                    }
                     return Ok(());
                 }
                 Some(ViewerEvent::FileReceived { name, data, .. }) => {

@@ -206,7 +206,9 @@ async fn host_and_viewer_end_to_end() -> Result<()> {
 
     // The viewer's own request for CONTROL comes second.
     let (asked, note) = host_until(&mut host, &mut seen, |e| match e {
-        HostEvent::ConsentRequested { permissions, note } => Some((*permissions, note.clone())),
+        HostEvent::ConsentRequested {
+            permissions, note, ..
+        } => Some((*permissions, note.clone())),
         _ => None,
     })
     .await?;

@@ -99,9 +99,12 @@ async fn room() -> Result<Room> {
     ensure!(id == supervisor.participant_id());
     // The customer is asked about the supervisor, by name, like any other question.
     let note = host_until(&mut host, |ev| match ev {
-        HostEvent::ConsentRequested { permissions, note } if permissions == Permissions::VIEW => {
-            Some(note)
-        }
+        HostEvent::ConsentRequested {
+            permissions,
+            note,
+            sas,
+            supervisor: true,
+        } if permissions == Permissions::VIEW && sas == supervisor_sas => Some(note),
         _ => None,
     })
     .await?;

@@ -185,11 +185,9 @@ async fn full_session_delivers_every_channel_in_order_and_input_only_after_contr
         .request_permissions(Permissions::CONTROL, "to open the network settings")
         .await?;
     let note = host_until(&mut host, |ev| match ev {
-        HostEvent::ConsentRequested { permissions, note }
-            if permissions.contains(Permissions::CONTROL) =>
-        {
-            Some(note)
-        }
+        HostEvent::ConsentRequested {
+            permissions, note, ..
+        } if permissions.contains(Permissions::CONTROL) => Some(note),
         _ => None,
     })
     .await?;
