@@ -143,6 +143,12 @@ impl DeviceKey {
         self.signing.verifying_key().to_bytes()
     }
 
+    /// The signing key, for what else the device signs (evidence items, the
+    /// monitoring ticket proof: [`crate::monitor`]).
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.signing
+    }
+
     /// What the admin enrols: derived from the public key.
     pub fn device_id(&self) -> String {
         device_id_of(&self.public_key())

@@ -1,5 +1,6 @@
-//! `kakehashi device init|run`: unattended access on an installed device (part of the
-//! `kakehashi` binary, not the library; the logic is `kakehashi_agent::device`).
+//! `kakehashi device init|run|monitor`: unattended access and telework monitoring on an
+//! installed device (part of the `kakehashi` binary, not the library; the logic is
+//! `kakehashi_agent::device` and `kakehashi_agent::monitor`).
 //!
 //! `run` hosts each unattended session exactly as `kakehashi host` does (same screen,
 //! overlay and end handling: it calls [`super::host`]), with the code from the poll and
@@ -12,8 +13,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kakehashi_agent::AgentError;
 use kakehashi_agent::device::{self, DeviceKey, Poller};
+use kakehashi_agent::monitor::{Monitor, MonitorConfig, MonitorStats, SnapshotSource};
 
-use crate::{DEFAULT_COORDINATOR, HostArgs};
+use crate::{DEFAULT_COORDINATOR, HostArgs, ScreenKind};
 
 #[derive(Debug, Args)]
 pub(crate) struct DeviceArgs {
@@ -31,6 +33,36 @@ enum DeviceCommand {
     },
     /// Wait for unattended connections and host each without a code or a prompt.
     Run(RunArgs),
+    /// Telework monitoring: presence events and periodic screen snapshots, signed with
+    /// the device key, buffered on disk while offline (up to 500 snapshots, oldest
+    /// overwritten) and uploaded to the evidence sink the coordinator names.
+    Monitor(MonitorArgs),
+}
+
+#[derive(Debug, Args)]
+struct MonitorArgs {
+    #[arg(long, env = "KAKEHASHI_DEVICE_KEY_FILE")]
+    key_file: PathBuf,
+    #[arg(long, env = "KAKEHASHI_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// The offline buffer's directory (made 0700; keep it across restarts).
+    #[arg(long, env = "KAKEHASHI_MONITOR_SPOOL")]
+    spool: PathBuf,
+    /// What to picture: `x11` (the real screen, fitted within 1920x1080) or `synthetic`
+    /// (generated pictures, for tests and demos).
+    #[arg(long, env = "KAKEHASHI_SCREEN", value_enum, default_value_t = ScreenKind::X11)]
+    screen: ScreenKind,
+    /// X display for --screen x11 (default: $DISPLAY).
+    #[arg(long, env = "KAKEHASHI_DISPLAY")]
+    display: Option<String>,
+    /// Take a snapshot this often, seconds, whatever the coordinator says (default:
+    /// the coordinator's interval).
+    #[arg(long, env = "KAKEHASHI_SNAPSHOT_INTERVAL_SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    snapshot_interval_secs: Option<u64>,
+    /// With --screen x11: no keyboard or pointer input for this long is reported as
+    /// IDLE (and the next input as ACTIVE), seconds.
+    #[arg(long, env = "KAKEHASHI_IDLE_AFTER_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    idle_after_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -92,7 +124,90 @@ pub(crate) async fn device(args: DeviceArgs) -> Result<()> {
             Ok(())
         }
         DeviceCommand::Run(args) => run(args).await,
+        DeviceCommand::Monitor(args) => monitor(args).await,
     }
+}
+
+fn snapshot_source(args: &MonitorArgs) -> Result<Box<dyn SnapshotSource + Send>> {
+    #[cfg(feature = "media")]
+    match args.screen {
+        ScreenKind::Synthetic => Ok(Box::new(kakehashi_agent::monitor::SyntheticSnapshots::new(
+            640, 360,
+        ))),
+        ScreenKind::X11 => Ok(Box::new(
+            kakehashi_agent::monitor::X11Snapshots::open(args.display.clone())
+                .context("--screen x11")?,
+        )),
+    }
+    #[cfg(not(feature = "media"))]
+    {
+        let _ = args;
+        bail!("`device monitor` needs a build with the media feature (PNG snapshots)")
+    }
+}
+
+/// The status line: what changed for the person running the monitor.
+fn status_line(s: &MonitorStats) -> String {
+    let state = if s.monitoring_denied {
+        "monitoring is off for this device (coordinator said PERMISSION_DENIED)"
+    } else if s.online {
+        "online"
+    } else {
+        "offline (buffering)"
+    };
+    format!(
+        "{state}: {} snapshots taken, {} buffered, {} overwritten, stored through seq {}",
+        s.snapshots_taken, s.buffered_snapshots, s.overwritten_total, s.stored_through_seq
+    )
+}
+
+async fn monitor(args: MonitorArgs) -> Result<()> {
+    let key = DeviceKey::load(&args.key_file)?;
+    let source = snapshot_source(&args)?;
+    let mut config = MonitorConfig::new(args.coordinator.clone(), key, args.spool.clone(), source);
+    config.snapshot_interval = args.snapshot_interval_secs.map(Duration::from_secs);
+    config.idle_after = Duration::from_secs(args.idle_after_secs);
+    #[cfg(feature = "media")]
+    if args.screen == ScreenKind::X11 {
+        config.idle = Some(Box::new(kakehashi_agent::monitor::X11Idle::new(
+            args.display.clone(),
+        )));
+    }
+    let monitor = Monitor::start(config).await?;
+    println!(
+        "Device {}: monitoring, buffering in {} (Ctrl-C stops).",
+        monitor.device_id(),
+        args.spool.display()
+    );
+    let mut stats = monitor.watch();
+    let mut shown = String::new();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        // Counters that move every snapshot are not worth a line each; state is.
+        let line = {
+            let s = stats.borrow_and_update();
+            let key = (
+                s.online,
+                s.monitoring_denied,
+                s.buffered_snapshots,
+                s.overwritten_total,
+            );
+            (format!("{key:?}"), status_line(&s))
+        };
+        if line.0 != shown {
+            println!("{}", line.1);
+            shown = line.0;
+        }
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            changed = stats.changed() => if changed.is_err() { break },
+        }
+    }
+    println!("Stopping: recording STOPPED and delivering what is buffered (10 s at most).");
+    let s = monitor.stop().await;
+    println!("{}", status_line(&s));
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> Result<()> {
@@ -201,5 +316,63 @@ mod tests {
             bad.host_args("1").is_err(),
             "--fps 0 is refused by host's parser"
         );
+    }
+
+    #[test]
+    fn monitor_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "kakehashi",
+            "monitor",
+            "--key-file",
+            "/k",
+            "--spool",
+            "/var/spool/k",
+            "--screen",
+            "synthetic",
+            "--snapshot-interval-secs",
+            "30",
+        ])
+        .expect("parses");
+        let DeviceCommand::Monitor(m) = cli.command else {
+            panic!("not monitor")
+        };
+        assert_eq!(m.screen, ScreenKind::Synthetic);
+        assert_eq!(m.snapshot_interval_secs, Some(30));
+        assert_eq!(m.idle_after_secs, 300);
+        assert_eq!(m.coordinator, DEFAULT_COORDINATOR);
+        let x11 =
+            Cli::try_parse_from(["kakehashi", "monitor", "--key-file", "/k", "--spool", "/s"])
+                .expect("parses");
+        let DeviceCommand::Monitor(m) = x11.command else {
+            panic!("not monitor")
+        };
+        assert_eq!(
+            m.screen,
+            ScreenKind::X11,
+            "the real screen unless told otherwise"
+        );
+        assert!(
+            Cli::try_parse_from([
+                "kakehashi",
+                "monitor",
+                "--key-file",
+                "/k",
+                "--spool",
+                "/s",
+                "--snapshot-interval-secs",
+                "0"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn the_status_line_says_what_state_the_monitor_is_in() {
+        let s = MonitorStats {
+            snapshots_taken: 3,
+            buffered_snapshots: 2,
+            ..Default::default()
+        };
+        assert!(status_line(&s).starts_with("offline (buffering): 3 snapshots taken, 2 buffered"));
     }
 }

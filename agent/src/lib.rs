@@ -21,6 +21,11 @@
 //!   moved the session.
 //! - [`device`]: unattended access, the device's side: the Ed25519 device key file,
 //!   the signed `PollDevice` loop, joining a pending session without a prompt.
+//! - [`monitor`]: telework monitoring, the device's side: snapshots and presence,
+//!   signed with the device key, kept in an on-disk ring of the newest 500 snapshots
+//!   while offline, uploaded oldest first to the evidence sink.
+//! - [`sink`]: the evidence sink: checks monitoring tickets and every item, stores each
+//!   upload as a recording before answering, [`sink::read_device`].
 //! - [`files`]: file transfer (offer, approval, chunks, SHA-256), either direction.
 //! - [`sysinfo`]: the system information a customer may share (Linux first).
 //! - [`tls`]: the pinned-certificate verifier and the quinn client configuration.
@@ -39,6 +44,8 @@
 //!   rule the relay applies.
 //! - The host writes nothing to disk: keys, tokens and received files live in memory.
 //!   The one exception is `kakehashi device init`, which writes the device key (0600).
+//!   (The recorder and `device monitor` are not the host: they write recordings and
+//!   the monitor's spool.)
 //! - Every task is owned (a `JoinSet` in the object that started it); dropping a
 //!   [`Host`], [`Viewer`] or [`RelayLink`] stops its tasks and leaves the session.
 //! - A relay loss costs a pause, never a reliable byte: input, control, chat and file
@@ -57,10 +64,12 @@ pub mod host;
 pub mod link;
 #[cfg(feature = "media")]
 pub mod media;
+pub mod monitor;
 pub mod peer;
 pub mod recording;
 pub mod reliable;
 mod resume;
+pub mod sink;
 pub mod stats;
 pub mod sysinfo;
 pub mod tls;

@@ -23,6 +23,7 @@ use tokio::io::AsyncBufReadExt;
 
 mod device_cli;
 mod recording_cli;
+mod sink_cli;
 
 const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7700";
 
@@ -51,6 +52,10 @@ enum Command {
     Recording(recording_cli::RecordingArgs),
     /// Unattended access on an installed device: make its key, or wait for operators.
     Device(device_cli::DeviceArgs),
+    /// Telework monitoring: the evidence sink devices upload presence and snapshots to.
+    Sink(sink_cli::SinkArgs),
+    /// Export a device's stored evidence (snapshots as PNG, presence as a log).
+    Evidence(sink_cli::EvidenceArgs),
 }
 
 #[derive(Debug, Args)]
@@ -256,6 +261,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Record(args) => recording_cli::record(args).await,
             Command::Recording(args) => recording_cli::recording(args),
             Command::Device(args) => device_cli::device(args).await,
+            Command::Sink(args) => sink_cli::sink(args).await,
+            Command::Evidence(args) => sink_cli::evidence(args),
         }
     });
     // A consent prompt may still be blocked reading the terminal after the session

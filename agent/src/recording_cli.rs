@@ -74,7 +74,7 @@ enum RecordingCommand {
     Keygen { out: PathBuf },
 }
 
-fn parse_tenant_days(s: &str) -> Result<(String, u64), String> {
+pub(crate) fn parse_tenant_days(s: &str) -> Result<(String, u64), String> {
     let (tenant, days) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected TENANT=DAYS"))?;
@@ -91,7 +91,7 @@ fn key(path: &Path) -> Result<RecordingKey> {
     Ok(RecordingKey::from_hex_file(path)?)
 }
 
-const DAY: u64 = 24 * 3600;
+pub(crate) const DAY: u64 = 24 * 3600;
 
 /// Joins as the recorder and writes what it sees until the session ends or Ctrl-C.
 pub(crate) async fn record(args: RecordArgs) -> Result<()> {

@@ -165,6 +165,31 @@ pub struct Args {
     /// to a flag, which other users can read from the process list.
     #[arg(long, env = "KAKEHASHI_BOOTSTRAP_ADMIN_KEY", hide_env_values = true)]
     pub bootstrap_admin_key: Option<String>,
+
+    /// Telework monitoring: the gRPC URL of the evidence sink (`kakehashi sink`) that
+    /// monitored devices upload to, handed out with their monitoring tickets. Empty: no
+    /// monitoring (GetMonitorTicket answers FAILED_PRECONDITION).
+    #[arg(long, env = "KAKEHASHI_EVIDENCE_SINK_URL", default_value = "")]
+    pub evidence_sink_url: String,
+
+    /// Seconds between a monitored device's evidence snapshots (1..=86400).
+    #[arg(
+        long,
+        env = "KAKEHASHI_MONITOR_SNAPSHOT_INTERVAL_SECS",
+        default_value_t = crate::config::DEFAULT_MONITOR_SNAPSHOT_INTERVAL_SECS,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub monitor_snapshot_interval_secs: u64,
+
+    /// Seconds a monitoring ticket stays valid (60..=86400); devices ask for a new one
+    /// before it expires.
+    #[arg(
+        long,
+        env = "KAKEHASHI_MONITOR_TICKET_TTL_SECS",
+        default_value_t = crate::config::DEFAULT_MONITOR_TICKET_TTL_SECS,
+        value_parser = clap::value_parser!(u64).range(60..=86_400)
+    )]
+    pub monitor_ticket_ttl_secs: u64,
 }
 
 /// Parses one `--relay` value into a relay entry, naming the field that is wrong.
@@ -319,7 +344,15 @@ impl Args {
             relays: self.relays.clone(),
             leader: None,
             auth: self.auth_config()?,
+            evidence_sink_url: self.evidence_sink_url.trim().to_owned(),
+            monitor_snapshot_interval: Duration::from_secs(self.monitor_snapshot_interval_secs),
+            monitor_ticket_ttl: Duration::from_secs(self.monitor_ticket_ttl_secs),
         };
+        if config.evidence_sink_url.is_empty() {
+            tracing::info!("no --evidence-sink-url: telework monitoring is off");
+        } else {
+            tracing::info!(sink = %config.evidence_sink_url, "telework monitoring tickets point at this evidence sink");
+        }
         let mut backends = Backends::in_memory(self.relays.clone());
         if etcd.is_empty() {
             if self.relays.is_empty() {
@@ -505,6 +538,38 @@ mod tests {
         let err = load_signing_key(&bad).expect_err("not hex");
         assert!(format!("{err:#}").contains("64 hex digits"), "{err:#}");
         std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn monitoring_flags_build_the_monitoring_config() -> Result<()> {
+        let defaults = Args::try_parse_from(["coordinator"])?.build()?.0;
+        assert_eq!(defaults.monitor_snapshot_interval, Duration::from_secs(300));
+        assert_eq!(defaults.monitor_ticket_ttl, Duration::from_secs(3600));
+        let args = Args::try_parse_from([
+            "coordinator",
+            "--evidence-sink-url",
+            " http://sink:7900 ",
+            "--monitor-snapshot-interval-secs",
+            "60",
+            "--monitor-ticket-ttl-secs",
+            "900",
+        ])?;
+        let config = args.build()?.0;
+        assert_eq!(config.evidence_sink_url, "http://sink:7900");
+        assert_eq!(config.monitor_snapshot_interval, Duration::from_secs(60));
+        assert_eq!(config.monitor_ticket_ttl, Duration::from_secs(900));
+        for bad in [
+            ["--monitor-snapshot-interval-secs", "0"],
+            ["--monitor-snapshot-interval-secs", "86401"],
+            ["--monitor-ticket-ttl-secs", "59"],
+            ["--monitor-ticket-ttl-secs", "86401"],
+        ] {
+            assert!(
+                Args::try_parse_from(["coordinator", bad[0], bad[1]]).is_err(),
+                "{bad:?} accepted"
+            );
+        }
         Ok(())
     }
 

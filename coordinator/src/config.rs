@@ -39,7 +39,24 @@ pub struct CoordinatorConfig {
     pub leader: Option<crate::leader::LeaderConfig>,
     /// Who may call `SessionService` and `AdminService`; disabled in `dev`.
     pub auth: AuthConfig,
+    /// Telework monitoring: the evidence sink's gRPC URL handed out with monitoring
+    /// tickets. Empty: no monitoring (`GetMonitorTicket` answers FAILED_PRECONDITION).
+    pub evidence_sink_url: String,
+    /// How often a monitored device takes an evidence snapshot (1 s ..= 1 day).
+    pub monitor_snapshot_interval: Duration,
+    /// How long a monitoring ticket stays valid (1 min ..= 1 day).
+    pub monitor_ticket_ttl: Duration,
 }
+
+/// The longest evidence sink URL accepted.
+pub const MAX_SINK_URL_LEN: usize = 2048;
+/// Bounds of [`CoordinatorConfig::monitor_snapshot_interval`], in seconds.
+pub const MONITOR_SNAPSHOT_INTERVAL_SECS: std::ops::RangeInclusive<u64> = 1..=86_400;
+/// Bounds of [`CoordinatorConfig::monitor_ticket_ttl`], in seconds.
+pub const MONITOR_TICKET_TTL_SECS: std::ops::RangeInclusive<u64> = 60..=86_400;
+/// Defaults of the two above.
+pub const DEFAULT_MONITOR_SNAPSHOT_INTERVAL_SECS: u64 = 300;
+pub const DEFAULT_MONITOR_TICKET_TTL_SECS: u64 = 3600;
 
 impl std::fmt::Debug for CoordinatorConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,6 +76,9 @@ impl std::fmt::Debug for CoordinatorConfig {
             .field("relays", &self.relays)
             .field("leader", &self.leader)
             .field("auth", &self.auth)
+            .field("evidence_sink_url", &self.evidence_sink_url)
+            .field("monitor_snapshot_interval", &self.monitor_snapshot_interval)
+            .field("monitor_ticket_ttl", &self.monitor_ticket_ttl)
             .finish()
     }
 }
@@ -71,7 +91,8 @@ pub fn generate_signing_key() -> Result<SigningKey, RandomError> {
 impl CoordinatorConfig {
     /// A laptop configuration: 127.0.0.1:0, a fresh random signing key, 6-digit codes
     /// live for 10 minutes, 40-minute sessions by default, 4 hours at most, no tenant
-    /// policies.
+    /// policies, no evidence sink (monitoring off; snapshots every 5 minutes and
+    /// one-hour tickets once `evidence_sink_url` is set).
     ///
     /// # Panics
     /// If the operating system has no randomness to give, which leaves nothing to do.
@@ -90,6 +111,9 @@ impl CoordinatorConfig {
             relays,
             leader: None,
             auth: AuthConfig::default(),
+            evidence_sink_url: String::new(),
+            monitor_snapshot_interval: Duration::from_secs(DEFAULT_MONITOR_SNAPSHOT_INTERVAL_SECS),
+            monitor_ticket_ttl: Duration::from_secs(DEFAULT_MONITOR_TICKET_TTL_SECS),
         }
     }
 
@@ -119,6 +143,33 @@ impl CoordinatorConfig {
             .map_err(|e| StartError::Config(e.to_string()))?;
         for r in &self.relays {
             validate_relay(r).map_err(StartError::Config)?;
+        }
+        let sink = &self.evidence_sink_url;
+        let sink_ok =
+            sink.is_empty() || sink.starts_with("http://") || sink.starts_with("https://");
+        if !sink_ok {
+            return bad(format!(
+                "evidence sink URL {:?} must start with http:// or https://",
+                self.evidence_sink_url
+            ));
+        }
+        if self.evidence_sink_url.len() > MAX_SINK_URL_LEN {
+            return bad(format!(
+                "evidence sink URL is longer than {MAX_SINK_URL_LEN} bytes"
+            ));
+        }
+        let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        if !MONITOR_SNAPSHOT_INTERVAL_SECS.contains(&secs(self.monitor_snapshot_interval)) {
+            return bad(format!(
+                "monitor snapshot interval must be 1..=86400 s, got {:?}",
+                self.monitor_snapshot_interval
+            ));
+        }
+        if !MONITOR_TICKET_TTL_SECS.contains(&secs(self.monitor_ticket_ttl)) {
+            return bad(format!(
+                "monitor ticket TTL must be 60..=86400 s, got {:?}",
+                self.monitor_ticket_ttl
+            ));
         }
         Ok(())
     }

@@ -562,6 +562,7 @@ pub async fn auth_store_devices_and_pending_sessions(store: &dyn crate::auth::Au
         allowed_operators: vec!["alice".into()],
         denied_operators: vec![],
         enrolled_at_ms: 1000 + i64::from(n),
+        monitoring: n == 1,
     };
     let (a, b, c) = (device(1, &tenant), device(2, &tenant), device(3, &other));
     assert_eq!(store.get_device(&a.device_id).await.expect("get"), None);
@@ -572,10 +573,24 @@ pub async fn auth_store_devices_and_pending_sessions(store: &dyn crate::auth::Au
         store.get_device(&a.device_id).await.expect("get"),
         Some(a.clone())
     );
+    assert!(
+        store
+            .get_device(&a.device_id)
+            .await
+            .expect("get")
+            .is_some_and(|d| d.monitoring),
+        "the monitoring flag round-trips"
+    );
     let mut blocked = a.clone();
     blocked.blocked = true;
     blocked.denied_operators = vec!["mallory".into()];
+    blocked.monitoring = false;
     store.put_device(blocked.clone()).await.expect("replace");
+    assert_eq!(
+        store.get_device(&a.device_id).await.expect("get"),
+        Some(blocked.clone()),
+        "a replaced record turns monitoring off"
+    );
     assert_eq!(
         store.list_devices(&tenant, 10).await.expect("list"),
         vec![blocked.clone(), b.clone()]
@@ -654,6 +669,22 @@ pub async fn auth_store_devices_and_pending_sessions(store: &dyn crate::auth::Au
     assert_eq!(kept.len(), MAX_PENDING_PER_DEVICE);
     assert_eq!(kept[0], pending(3, far), "the oldest are pushed out");
 
+    // Monitoring-ticket proofs count apart from polls: the same timestamp as an accepted
+    // poll is fresh here, then a replay here, and polls do not notice either.
+    let accept = |ts: i64| store.accept_monitor_proof(&b.device_id, ts);
+    assert!(accept(6000).await.expect("accept"), "apart from the poll's");
+    assert!(!accept(6000).await.expect("accept"), "a replay");
+    assert!(!accept(5999).await.expect("accept"), "older");
+    assert!(accept(6001).await.expect("accept"));
+    assert_eq!(
+        store
+            .take_pending(&b.device_id, 6001, now)
+            .await
+            .expect("take"),
+        Some(vec![]),
+        "a monitoring proof does not advance the poll's counter"
+    );
+
     assert_eq!(
         store.remove_device(&b.device_id).await.expect("remove"),
         Some(b.clone())
@@ -662,6 +693,13 @@ pub async fn auth_store_devices_and_pending_sessions(store: &dyn crate::auth::Au
     assert_eq!(
         store.remove_device(&b.device_id).await.expect("remove"),
         None
+    );
+    assert!(
+        store
+            .accept_monitor_proof(&b.device_id, 1)
+            .await
+            .expect("accept"),
+        "removing a device forgets its last monitoring proof"
     );
     assert_eq!(
         store.list_devices(&tenant, 10).await.expect("list"),

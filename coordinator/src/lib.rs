@@ -17,6 +17,8 @@
 //! - [`tenants`]: per-tenant session limits set by the operator (`--tenant-policy`).
 //! - [`unattended`]: enrolled devices, the checks on a device session and the signed
 //!   `PollDevice` through which a device collects its sessions.
+//! - [`monitoring`]: telework monitoring tickets (`GetMonitorTicket`) for enrolled
+//!   devices, pointing them at the evidence sink.
 //! - [`auth`]: API keys, roles and the `Authenticator` every `SessionService` and
 //!   `AdminService` call goes through; `service::admin` manages keys and tenant policies.
 //! - `validate`: pure input checks. [`limiter`]: the guess limits on `JoinByCode`
@@ -44,6 +46,7 @@ pub mod error;
 pub mod health;
 pub mod leader;
 pub mod limiter;
+pub mod monitoring;
 mod random;
 mod reaper;
 mod service;

@@ -66,6 +66,7 @@ pub fn describe() {
     crate::limiter::describe();
     crate::health::describe();
     crate::auth::describe();
+    crate::monitoring::describe();
     describe_counter!(SESSIONS_CREATED, Unit::Count, "Sessions created.");
     describe_counter!(
         SESSIONS_ENDED,

@@ -55,6 +55,11 @@ pub struct DeviceRecord {
     pub allowed_operators: Vec<String>,
     pub denied_operators: Vec<String>,
     pub enrolled_at_ms: i64,
+    /// Telework monitoring: the device may get a monitoring ticket when its tenant's
+    /// policy enables monitoring too. Absent in records stored before monitoring
+    /// existed, which read as off.
+    #[serde(default)]
+    pub monitoring: bool,
 }
 
 impl DeviceRecord {
@@ -68,6 +73,7 @@ impl DeviceRecord {
             allowed_operators: self.allowed_operators.clone(),
             denied_operators: self.denied_operators.clone(),
             enrolled_at_unix_ms: self.enrolled_at_ms,
+            monitoring: self.monitoring,
         }
     }
 
@@ -134,6 +140,26 @@ pub fn verify_proof(
     signature: &[u8],
     now_ms: i64,
 ) -> Result<(), ProofError> {
+    verify_proof_in(
+        PROOF_DOMAIN,
+        public_key,
+        device_id,
+        timestamp_ms,
+        signature,
+        now_ms,
+    )
+}
+
+/// [`verify_proof`] for a proof under another `domain` (the monitoring ticket's), with
+/// the same window.
+pub fn verify_proof_in(
+    domain: &[u8],
+    public_key: &[u8; 32],
+    device_id: &str,
+    timestamp_ms: i64,
+    signature: &[u8],
+    now_ms: i64,
+) -> Result<(), ProofError> {
     if timestamp_ms < now_ms.saturating_sub(POLL_WINDOW_MS) {
         return Err(ProofError::TooOld);
     }
@@ -145,10 +171,22 @@ pub fn verify_proof(
         .map_err(|_| ProofError::BadSignatureLength)?;
     let key = VerifyingKey::from_bytes(public_key).map_err(|_| ProofError::BadSignature)?;
     key.verify_strict(
-        &proof_message(device_id, timestamp_ms),
+        &kakehashi_proto::device::proof_message_in(domain, device_id, timestamp_ms),
         &Signature::from_bytes(&sig),
     )
     .map_err(|_| ProofError::BadSignature)
+}
+
+impl ProofError {
+    /// Why, for the device's operator.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ProofError::BadSignatureLength => "the signature is not 64 bytes",
+            ProofError::BadSignature => "the signature does not verify with the enrolled key",
+            ProofError::TooOld => "the timestamp is more than 60 s in the past",
+            ProofError::TooNew => "the timestamp is more than 60 s in the future",
+        }
+    }
 }
 
 /// Accepted polls per device in the current one-second window, in this process. The
@@ -393,14 +431,7 @@ impl Core {
             &req.signature,
             now,
         )
-        .map_err(|e| {
-            refused(match e {
-                ProofError::BadSignatureLength => "the signature is not 64 bytes",
-                ProofError::BadSignature => "the signature does not verify with the enrolled key",
-                ProofError::TooOld => "the timestamp is more than 60 s in the past",
-                ProofError::TooNew => "the timestamp is more than 60 s in the future",
-            })
-        })?;
+        .map_err(|e| refused(e.reason()))?;
         if !POLL_RATE.allow(&req.device_id, now) {
             return Err(UnattendedError::RateLimited {
                 device_id: req.device_id,
@@ -493,6 +524,14 @@ mod tests {
     }
 
     #[test]
+    fn a_device_stored_before_monitoring_reads_with_monitoring_off() {
+        let old = r#"{"device_id":"d","tenant":"t","name":"n","public_key":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"blocked":false,"allowed_operators":[],"denied_operators":[],"enrolled_at_ms":5}"#;
+        let d: DeviceRecord = serde_json::from_str(old).expect("an old record reads");
+        assert!(!d.monitoring);
+        assert_eq!(d.enrolled_at_ms, 5);
+    }
+
+    #[test]
     fn operator_lists() {
         let mut d = DeviceRecord {
             device_id: "d".into(),
@@ -503,6 +542,7 @@ mod tests {
             allowed_operators: vec![],
             denied_operators: vec!["mallory".into()],
             enrolled_at_ms: 0,
+            monitoring: false,
         };
         assert!(d.check_operator("alice").is_ok());
         assert!(matches!(

@@ -1,58 +1,24 @@
 //! One session end to end through real gRPC servers on 127.0.0.1:0.
 
+mod support {
+    pub mod cluster;
+}
+
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use kakehashi_coordinator::{
-    Backends, Coordinator, CoordinatorConfig, CoordinatorHandle, RelayInfo,
-};
+use kakehashi_coordinator::{Backends, Coordinator, CoordinatorConfig};
 use kakehashi_proto::pb::agent_service_client::AgentServiceClient;
 use kakehashi_proto::pb::session_service_client::SessionServiceClient;
 use kakehashi_proto::token::{self, Role};
 use kakehashi_proto::{Permissions, pb};
+use support::cluster::{Cluster, dead_relay, start_with};
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// Generous bound for events that arrive within a second or so; a hang fails the test
 /// instead of blocking it forever. Not a timing assertion.
 const EVENT_WAIT: Duration = Duration::from_secs(30);
-
-/// A relay entry whose admin address has nothing listening: EndSession's relay call
-/// fails fast and the session must still end.
-async fn dead_relay() -> Result<RelayInfo> {
-    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let admin = probe.local_addr()?;
-    drop(probe);
-    Ok(RelayInfo {
-        relay_id: "relay-test-1".into(),
-        quic_addr: "127.0.0.1:4433".into(),
-        admin_url: format!("http://{admin}"),
-        server_name: "localhost".into(),
-        cert_sha256: [0x5a; 32],
-        region: "test".into(),
-    })
-}
-
-struct Cluster {
-    handle: CoordinatorHandle,
-    sessions: SessionServiceClient<Channel>,
-    agents: AgentServiceClient<Channel>,
-}
-
-async fn start_with(edit: impl FnOnce(&mut CoordinatorConfig)) -> Result<Cluster> {
-    let relays = vec![dead_relay().await?];
-    let mut config = CoordinatorConfig::dev(relays.clone());
-    edit(&mut config);
-    let handle = Coordinator::start(config, Backends::in_memory(relays)).await?;
-    let sessions = SessionServiceClient::connect(handle.url()).await?;
-    let agents = AgentServiceClient::connect(handle.url()).await?;
-    Ok(Cluster {
-        handle,
-        sessions,
-        agents,
-    })
-}
 
 async fn start() -> Result<Cluster> {
     start_with(|_| {}).await
@@ -95,7 +61,7 @@ async fn one_session_end_to_end() -> Result<()> {
     assert_eq!(created.code.len(), 6);
     assert_eq!(created.operator_ticket.len(), 64);
     let relay = session.relay.clone().context("relay in session")?;
-    assert_eq!(relay.relay_id, "relay-test-1");
+    assert_eq!(relay.relay_id, support::cluster::RELAY_ID);
     assert_eq!(relay.cert_sha256, vec![0x5a; 32]);
 
     let mut watch = c
@@ -136,7 +102,7 @@ async fn one_session_end_to_end() -> Result<()> {
     assert_eq!(claims.role, Role::Host);
     assert_eq!(claims.session_id.to_string(), session.session_id);
     assert_eq!(claims.public_key, host_key);
-    assert_eq!(claims.relay_id, "relay-test-1");
+    assert_eq!(claims.relay_id, support::cluster::RELAY_ID);
     assert_eq!(claims.session_deadline, claims.expires_at);
     assert_eq!(claims.permissions, Permissions::VIEW | Permissions::CONTROL);
 

@@ -3,19 +3,19 @@
 //! CreateSession answer, in the stored session, in the tokens relays enforce, and in the
 //! coordinator's own deadline check.
 
+mod support {
+    pub mod cluster;
+}
+
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use futures::StreamExt;
 use kakehashi_coordinator::tenants::parse_spec;
-use kakehashi_coordinator::{
-    Backends, Coordinator, CoordinatorConfig, CoordinatorHandle, RelayInfo, TenantPolicies,
-};
+use kakehashi_coordinator::{Backends, Coordinator, CoordinatorConfig, TenantPolicies};
 use kakehashi_proto::pb;
-use kakehashi_proto::pb::agent_service_client::AgentServiceClient;
-use kakehashi_proto::pb::session_service_client::SessionServiceClient;
 use kakehashi_proto::token;
-use tonic::transport::Channel;
+use support::cluster::{Cluster, dead_relay, start_with};
 
 /// Bound for events that come within seconds; a hang fails the test. Not a timing
 /// assertion.
@@ -23,21 +23,6 @@ const EVENT_WAIT: Duration = Duration::from_secs(30);
 
 const CLUSTER_DEFAULT: Duration = Duration::from_secs(40 * 60);
 const CLUSTER_MAX: Duration = Duration::from_secs(4 * 3600);
-
-/// A relay entry with nothing listening behind it: these tests never reach a relay.
-async fn dead_relay() -> Result<RelayInfo> {
-    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let admin = probe.local_addr()?;
-    drop(probe);
-    Ok(RelayInfo {
-        relay_id: "relay-tenant-1".into(),
-        quic_addr: "127.0.0.1:4433".into(),
-        admin_url: format!("http://{admin}"),
-        server_name: "localhost".into(),
-        cert_sha256: [0x5a; 32],
-        region: "test".into(),
-    })
-}
 
 fn policies(specs: &[&str]) -> Result<TenantPolicies> {
     let mut t = TenantPolicies::new();
@@ -48,26 +33,13 @@ fn policies(specs: &[&str]) -> Result<TenantPolicies> {
     Ok(t)
 }
 
-struct Cluster {
-    handle: CoordinatorHandle,
-    sessions: SessionServiceClient<Channel>,
-    agents: AgentServiceClient<Channel>,
-}
-
 async fn start(tenants: TenantPolicies) -> Result<Cluster> {
-    let relays = vec![dead_relay().await?];
-    let mut config = CoordinatorConfig::dev(relays.clone());
-    config.default_max_duration = CLUSTER_DEFAULT;
-    config.max_max_duration = CLUSTER_MAX;
-    config.tenants = tenants;
-    let handle = Coordinator::start(config, Backends::in_memory(relays)).await?;
-    let sessions = SessionServiceClient::connect(handle.url()).await?;
-    let agents = AgentServiceClient::connect(handle.url()).await?;
-    Ok(Cluster {
-        handle,
-        sessions,
-        agents,
+    start_with(|config| {
+        config.default_max_duration = CLUSTER_DEFAULT;
+        config.max_max_duration = CLUSTER_MAX;
+        config.tenants = tenants;
     })
+    .await
 }
 
 /// Creates a session for `tenant` asking for `secs` (0: none) and returns it with the

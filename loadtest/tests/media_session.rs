@@ -226,28 +226,7 @@ async fn operator_clicks_and_types_through_the_relay_only_with_control() -> Resu
     })
     .await?;
     let seen = app.until_marker(&rx, 2)?;
-    let buttons: Vec<_> = seen
-        .iter()
-        .filter(|s| matches!(s, Seen::Button { .. }))
-        .cloned()
-        .collect();
-    assert_eq!(
-        buttons,
-        [
-            Seen::Button {
-                button: 1,
-                press: true,
-                x: bx,
-                y: by
-            },
-            Seen::Button {
-                button: 1,
-                press: false,
-                x: bx,
-                y: by
-            },
-        ]
-    );
+    assert_eq!(Seen::buttons(&seen), Seen::click(1, bx, by));
     assert_eq!(app.typed(&seen)?, text);
 
     // Revoked: the gate closes with the grant.

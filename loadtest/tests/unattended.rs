@@ -111,6 +111,7 @@ impl Fixture {
                     name: "front-desk-pc".into(),
                     public_key: key.public_key().to_vec(),
                     allowed_operators: allowed.iter().map(|s| s.to_string()).collect(),
+                    monitoring: false,
                 },
                 by,
             ))
@@ -135,6 +136,7 @@ impl Fixture {
                     blocked,
                     allowed_operators: allowed.iter().map(|s| s.to_string()).collect(),
                     denied_operators: denied.iter().map(|s| s.to_string()).collect(),
+                    monitoring: false,
                 },
                 by,
             ))
@@ -492,6 +494,7 @@ async fn forged_expired_and_replayed_polls_are_unauthenticated() -> Result<()> {
                 name: "x".into(),
                 public_key: key.public_key().to_vec(),
                 allowed_operators: vec![],
+                monitoring: false,
             },
             &admin,
         ))

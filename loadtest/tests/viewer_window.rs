@@ -494,28 +494,7 @@ async fn viewer_window_input_reaches_the_customer_only_with_control() -> Result<
     );
     until("all input injected", || share.injected() >= sent).await?;
     let seen = app.until_marker(&rx, 2)?;
-    let buttons: Vec<_> = seen
-        .iter()
-        .filter(|s| matches!(s, Seen::Button { .. }))
-        .cloned()
-        .collect();
-    assert_eq!(
-        buttons,
-        [
-            Seen::Button {
-                button: 1,
-                press: true,
-                x: bx,
-                y: by
-            },
-            Seen::Button {
-                button: 1,
-                press: false,
-                x: bx,
-                y: by
-            },
-        ]
-    );
+    assert_eq!(Seen::buttons(&seen), Seen::click(1, bx, by));
     assert_eq!(app.typed(&seen)?, text);
     // `@` came from the JIS `@` key (keycode 34), not from the US Shift+2.
     let (at_key, _) = jis::position('@').context("no @ on JIS")?;

@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # The `kakehashi` participant CLI (host, view, ctl) and the load generator, for running
-# `kakehashi ctl` or `kakehashi-loadtest` against a cluster from inside it. Build from the
-# repository root:
+# `kakehashi ctl` or `kakehashi-loadtest` against a cluster from inside it; also the
+# image of the chart's evidence sink (`kakehashi sink`, values `sink.image`). Build from
+# the repository root:
 #   docker build -f ops/images/agent.Dockerfile -t kakehashi/tools:dev .
 # Not built in CI (no container engine there); kept deliberately plain.
 

@@ -21,8 +21,14 @@ pub fn device_id_of(public_key: &[u8; 32]) -> String {
 
 /// What a device signs to poll at `timestamp_ms`.
 pub fn proof_message(device_id: &str, timestamp_ms: i64) -> Vec<u8> {
-    let mut m = Vec::with_capacity(PROOF_DOMAIN.len() + device_id.len() + 9);
-    m.extend_from_slice(PROOF_DOMAIN);
+    proof_message_in(PROOF_DOMAIN, device_id, timestamp_ms)
+}
+
+/// The same proof under another domain (e.g. [`crate::monitor::TICKET_PROOF_DOMAIN`]),
+/// so a signature made for one request is good for no other.
+pub fn proof_message_in(domain: &[u8], device_id: &str, timestamp_ms: i64) -> Vec<u8> {
+    let mut m = Vec::with_capacity(domain.len() + device_id.len() + 9);
+    m.extend_from_slice(domain);
     m.extend_from_slice(device_id.as_bytes());
     m.push(0);
     m.extend_from_slice(&timestamp_ms.to_be_bytes());

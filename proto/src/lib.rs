@@ -10,6 +10,9 @@
 //! - [`token`]: coordinator-signed Ed25519 tokens that relays verify offline.
 //! - [`policy`]: modes, permissions and the consent rule deciding which frame may pass.
 //! - [`ids`]: session identifiers.
+//! - [`device`]: the proof an enrolled device signs (unattended access, monitoring).
+//! - [`monitor`]: telework monitoring: the coordinator's monitoring ticket, what a
+//!   device signs for each evidence item, the sink's limits.
 //! - [`membership`]: the etcd key layout of relay registrations and the leader election.
 //! - `otel` (feature `otel`): OTLP export and the session trace every server derives from
 //!   the session id.
@@ -23,6 +26,7 @@ pub mod device;
 pub mod frame;
 pub mod ids;
 pub mod membership;
+pub mod monitor;
 #[cfg(feature = "otel")]
 pub mod otel;
 pub mod policy;

@@ -391,6 +391,26 @@ pub enum Seen {
     Marker(u32),
 }
 
+impl Seen {
+    /// A whole click: `button` pressed and released at (`x`, `y`).
+    pub fn click(button: u8, x: i16, y: i16) -> [Seen; 2] {
+        [true, false].map(|press| Seen::Button {
+            button,
+            press,
+            x,
+            y,
+        })
+    }
+
+    /// The button events of `seen`, in order (keys and markers left out).
+    pub fn buttons(seen: &[Seen]) -> Vec<Seen> {
+        seen.iter()
+            .filter(|s| matches!(s, Seen::Button { .. }))
+            .cloned()
+            .collect()
+    }
+}
+
 /// A full-screen, undecorated, focused window whose background pixmap holds
 /// [`test_picture`], so the server repaints it by itself; it can record the button and
 /// key events it receives.

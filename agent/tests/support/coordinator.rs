@@ -126,6 +126,16 @@ impl pb::agent_service_server::AgentService for TestCoordinator {
             "this stand-in enrols no devices",
         ))
     }
+
+    async fn get_monitor_ticket(
+        &self,
+        _req: tonic::Request<pb::MonitorTicketRequest>,
+    ) -> Result<tonic::Response<pb::MonitorTicketResponse>, tonic::Status> {
+        // Monitoring is tested against the real coordinator (loadtest crate).
+        Err(tonic::Status::unauthenticated(
+            "this stand-in enrols no devices",
+        ))
+    }
 }
 
 pub async fn start_coordinator(

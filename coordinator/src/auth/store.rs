@@ -62,7 +62,8 @@ pub trait AuthStore: Send + Sync {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<DeviceRecord>, BackendError>>;
 
-    /// Forgets a device, its pending sessions and its last poll; the removed record.
+    /// Forgets a device, its pending sessions, its last poll and its last monitoring-ticket
+    /// proof; the removed record.
     fn remove_device<'a>(
         &'a self,
         device_id: &'a str,
@@ -86,6 +87,17 @@ pub trait AuthStore: Send + Sync {
         timestamp_ms: i64,
         now_ms: i64,
     ) -> BoxFuture<'a, Result<Option<Vec<PendingSession>>, BackendError>>;
+
+    /// One accepted monitoring-ticket proof: if `timestamp_ms` is newer than the
+    /// device's last accepted one, records it and returns `true`; `false` (nothing
+    /// changes) for a replayed or older timestamp. A counter of its own, apart from
+    /// [`AuthStore::take_pending`]'s, because the device's poller and its monitor are two
+    /// processes signing with one clock. Atomic, like `take_pending`.
+    fn accept_monitor_proof<'a>(
+        &'a self,
+        device_id: &'a str,
+        timestamp_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, BackendError>>;
 }
 
 #[derive(Default)]
@@ -95,6 +107,8 @@ struct State {
     devices: HashMap<String, DeviceRecord>,
     /// Per device: the last accepted poll's timestamp and the sessions waiting.
     waiting: HashMap<String, (i64, Vec<PendingSession>)>,
+    /// Per device: the last accepted monitoring-ticket proof's timestamp.
+    monitor_proofs: HashMap<String, i64>,
 }
 
 /// Keys and policies in this process.
@@ -216,6 +230,7 @@ impl AuthStore for InMemoryAuthStore {
     ) -> BoxFuture<'a, Result<Option<DeviceRecord>, BackendError>> {
         let mut state = self.lock();
         state.waiting.remove(device_id);
+        state.monitor_proofs.remove(device_id);
         let removed = state.devices.remove(device_id);
         Box::pin(async move { Ok(removed) })
     }
@@ -250,5 +265,22 @@ impl AuthStore for InMemoryAuthStore {
             all
         });
         Box::pin(async move { Ok(taken) })
+    }
+
+    fn accept_monitor_proof<'a>(
+        &'a self,
+        device_id: &'a str,
+        timestamp_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, BackendError>> {
+        let mut state = self.lock();
+        let last = state
+            .monitor_proofs
+            .entry(device_id.to_owned())
+            .or_default();
+        let fresh = timestamp_ms > *last;
+        if fresh {
+            *last = timestamp_ms;
+        }
+        Box::pin(async move { Ok(fresh) })
     }
 }

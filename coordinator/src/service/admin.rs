@@ -310,6 +310,7 @@ impl Core {
             allowed_operators: req.allowed_operators,
             denied_operators: Vec::new(),
             enrolled_at_ms: now_ms(),
+            monitoring: req.monitoring,
         };
         self.backends.auth.put_device(device.clone()).await?;
         tracing::info!(tenant = %device.tenant, device = %device.device_id, by = %caller.key_id, "device enrolled");
@@ -327,10 +328,12 @@ impl Core {
         device.blocked = req.blocked;
         device.allowed_operators = req.allowed_operators;
         device.denied_operators = req.denied_operators;
+        device.monitoring = req.monitoring;
         self.backends.auth.put_device(device.clone()).await?;
         tracing::info!(
             device = %device.device_id,
             blocked = device.blocked,
+            monitoring = device.monitoring,
             by = %caller.key_id,
             "device access set"
         );

@@ -506,4 +506,15 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .map(Response::new)
             .map_err(|e| e.status("PollDevice"))
     }
+
+    async fn get_monitor_ticket(
+        &self,
+        request: Request<pb::MonitorTicketRequest>,
+    ) -> Result<Response<pb::MonitorTicketResponse>, Status> {
+        self.core
+            .get_monitor_ticket(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status("GetMonitorTicket"))
+    }
 }

@@ -9,7 +9,8 @@
 //! - `NS:{dev:DEVICE_ID}` — an enrolled device, as JSON; `NS:{dev:DEVICE_ID}:pending`
 //!   its waiting sessions (a list of JSON, oldest first, expiring with the newest code)
 //!   and `NS:{dev:DEVICE_ID}:poll` its last accepted poll timestamp. One hash tag, so the
-//!   take script sees all three on one node.
+//!   take script sees all three on one node. `NS:{dev:DEVICE_ID}:monitor` is the last
+//!   accepted monitoring-ticket proof's timestamp (a counter apart from the poll's).
 //! - `NS:{devt:TENANT}` — set of the tenant's device ids, for listing; readers skip ids
 //!   whose record is missing or names another tenant.
 
@@ -43,6 +44,15 @@ redis.call('DEL', KEYS[2])
 return {1, items}
 ";
 
+/// KEYS[1] = last monitoring-ticket proof; ARGV[1] = its timestamp. 1 if newer (and
+/// now recorded), 0 for a replayed or older one.
+const MONITOR_PROOF_SCRIPT: &str = r"
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) <= last then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+";
+
 const INSERT_SCRIPT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
@@ -65,6 +75,7 @@ pub struct RedisAuthStore {
     revoke: Script,
     push: Script,
     take: Script,
+    monitor_proof: Script,
 }
 
 fn unreadable(what: &str, detail: impl std::fmt::Display) -> BackendError {
@@ -82,6 +93,7 @@ impl RedisAuthStore {
             revoke: Script::new(REVOKE_SCRIPT),
             push: Script::new(PUSH_SCRIPT),
             take: Script::new(TAKE_SCRIPT),
+            monitor_proof: Script::new(MONITOR_PROOF_SCRIPT),
         }
     }
 
@@ -367,6 +379,7 @@ impl AuthStore for RedisAuthStore {
                 self.device_key(device_id, ""),
                 self.device_key(device_id, ":pending"),
                 self.device_key(device_id, ":poll"),
+                self.device_key(device_id, ":monitor"),
             ];
             self.shared
                 .run("removing a device", |mut c| async move {
@@ -445,6 +458,28 @@ impl AuthStore for RedisAuthStore {
                 }
             }
             Ok(Some(sessions))
+        })
+    }
+
+    fn accept_monitor_proof<'a>(
+        &'a self,
+        device_id: &'a str,
+        timestamp_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, BackendError>> {
+        Box::pin(async move {
+            let key = self.device_key(device_id, ":monitor");
+            let script = &self.monitor_proof;
+            let fresh: i64 = self
+                .shared
+                .run("accepting a monitoring-ticket proof", |mut c| async move {
+                    script
+                        .key(&key)
+                        .arg(timestamp_ms)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+            Ok(fresh == 1)
         })
     }
 }
