@@ -106,15 +106,25 @@ impl RedisAuthStore {
     }
 
     async fn read_device(&self, device_id: &str) -> Result<Option<DeviceRecord>, BackendError> {
-        let key = self.device_key(device_id, "");
+        self.get_json(self.device_key(device_id, ""), "reading a device", || {
+            format!("device {device_id}")
+        })
+        .await
+    }
+
+    /// The JSON value at `key`, if any; `what` names it when it does not decode.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: String,
+        doing: &'static str,
+        what: impl FnOnce() -> String,
+    ) -> Result<Option<T>, BackendError> {
         let json: Option<String> = self
             .shared
-            .run("reading a device", |mut c| async move { c.get(&key).await })
+            .run(doing, |mut c| async move { c.get(&key).await })
             .await?;
-        json.map(|j| {
-            serde_json::from_str(&j).map_err(|e| unreadable(&format!("device {device_id}"), e))
-        })
-        .transpose()
+        json.map(|j| serde_json::from_str(&j).map_err(|e| unreadable(&what(), e)))
+            .transpose()
     }
 
     fn key_key(&self, key_id: &str) -> String {
@@ -296,20 +306,11 @@ impl AuthStore for RedisAuthStore {
         &'a self,
         tenant: &'a str,
     ) -> BoxFuture<'a, Result<Option<TenantSettings>, BackendError>> {
-        Box::pin(async move {
-            let key = self.policy_key(tenant);
-            let json: Option<String> = self
-                .shared
-                .run("reading a tenant policy", |mut c| async move {
-                    c.get(&key).await
-                })
-                .await?;
-            json.map(|j| {
-                serde_json::from_str(&j)
-                    .map_err(|e| unreadable(&format!("policy of tenant {tenant:?}"), e))
-            })
-            .transpose()
-        })
+        Box::pin(self.get_json(
+            self.policy_key(tenant),
+            "reading a tenant policy",
+            move || format!("policy of tenant {tenant:?}"),
+        ))
     }
 
     fn put_device(&self, device: DeviceRecord) -> BoxFuture<'_, Result<(), BackendError>> {
