@@ -316,6 +316,12 @@ pub enum CallError {
     /// The tenant's policy does not allow this session mode.
     #[error("tenant {tenant:?} does not allow {mode} sessions (tenant policy allowed_modes)")]
     ModeNotAllowed { tenant: String, mode: &'static str },
+    /// The session asks for the RECORDING permission and the tenant's policy does not
+    /// enable recording.
+    #[error(
+        "tenant {tenant:?} does not enable recording (tenant policy recording_enabled); ask without the recording permission"
+    )]
+    RecordingNotAllowed { tenant: String },
     /// Unattended access refused (policy, enrolment, block, operator lists).
     #[error(transparent)]
     Unattended(#[from] crate::unattended::UnattendedError),
@@ -341,6 +347,11 @@ impl CallError {
             CallError::Unattended(e) => e.status(rpc),
             CallError::ModeNotAllowed { .. } => {
                 metrics::counter!(crate::telemetry::RPC_ERRORS, "rpc" => rpc, "kind" => "mode_not_allowed")
+                    .increment(1);
+                Status::permission_denied(self.to_string())
+            }
+            CallError::RecordingNotAllowed { .. } => {
+                metrics::counter!(crate::telemetry::RPC_ERRORS, "rpc" => rpc, "kind" => "recording_not_allowed")
                     .increment(1);
                 Status::permission_denied(self.to_string())
             }

@@ -512,6 +512,73 @@ async fn tenant_policy_limits_modes_and_durations() -> Result<()> {
 }
 
 #[tokio::test]
+async fn recording_needs_the_tenant_policy() -> Result<()> {
+    let f = Fixture::start(None).await?;
+    let a_admin = f.key(&f.admin, "acme", pb::ApiRole::Admin, "root").await?;
+    let op = f
+        .key(&a_admin, "acme", pb::ApiRole::Operator, "alice")
+        .await?;
+    let recorded = |key: String| {
+        let mut api = f.sessions.clone();
+        async move {
+            api.create_session(authed(
+                pb::CreateSessionRequest {
+                    device_id: String::new(),
+                    tenant: String::new(),
+                    operator: String::new(),
+                    mode: pb::SessionMode::View as i32,
+                    permissions: (Permissions::VIEW | Permissions::RECORDING).bits(),
+                    max_duration_secs: 600,
+                },
+                &key,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+        }
+    };
+    let set_policy = |recording_enabled: bool| {
+        let mut keys = f.keys.clone();
+        let by = a_admin.clone();
+        async move {
+            keys.set_tenant_policy(authed(
+                pb::SetTenantPolicyRequest {
+                    policy: Some(pb::TenantPolicy {
+                        tenant: "acme".into(),
+                        recording_enabled,
+                        ..Default::default()
+                    }),
+                },
+                &by,
+            ))
+            .await
+        }
+    };
+    // No policy, then a policy without recording: refused, saying why.
+    for step in [None, Some(false)] {
+        if let Some(enabled) = step {
+            set_policy(enabled).await?;
+        }
+        let denied = recorded(op.clone()).await.expect_err("recording refused");
+        assert_eq!(denied.code(), Code::PermissionDenied, "{step:?}");
+        assert!(
+            denied.message().contains("recording_enabled"),
+            "{}",
+            denied.message()
+        );
+    }
+    // A session without the recording permission needs nothing.
+    f.create(&op, "").await?;
+    set_policy(true).await?;
+    let made = recorded(op.clone()).await?.session.context("no session")?;
+    assert_eq!(
+        Permissions::from_bits(made.permissions),
+        Some(Permissions::VIEW | Permissions::RECORDING)
+    );
+    f.cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_whole_session_runs_with_an_operator_key() -> Result<()> {
     let f = Fixture::start(None).await?;
     let op = f

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::{Core, now_ms};
-use crate::auth::{Action, Authenticator, CallError, Caller};
+use crate::auth::{Action, AuthMode, Authenticator, CallError, Caller};
 use crate::backend::sessions::{ListFilter, SessionRecord};
 use crate::error::ApiError;
 use crate::{random, telemetry, validate};
@@ -86,7 +86,8 @@ impl Core {
             self.config.default_max_duration,
             self.config.max_max_duration,
         );
-        if let Some(stored) = self.backends.auth.get_policy(&req.tenant).await? {
+        let stored = self.backends.auth.get_policy(&req.tenant).await?;
+        if let Some(stored) = &stored {
             if !stored.allows(mode) {
                 return Err(CallError::ModeNotAllowed {
                     tenant: req.tenant,
@@ -94,6 +95,14 @@ impl Core {
                 });
             }
             limits = stored.limits(limits, self.config.max_max_duration);
+        }
+        // Recording needs the tenant's say-so (as unattended access does); with auth
+        // disabled (dev mode) every caller is the cluster admin and may record.
+        if permissions.contains(Permissions::RECORDING)
+            && self.config.auth.mode != AuthMode::Disabled
+            && !stored.as_ref().is_some_and(|p| p.recording_enabled)
+        {
+            return Err(CallError::RecordingNotAllowed { tenant: req.tenant });
         }
         let duration = limits.session_duration(req.max_duration_secs);
 
