@@ -31,6 +31,17 @@ pub struct ScreenFormat {
 }
 
 impl ScreenFormat {
+    /// Screen `n` of the server and its pixel layout; `None` when there is no such
+    /// screen.
+    pub fn screen(
+        setup: &x11rb::protocol::xproto::Setup,
+        n: usize,
+    ) -> Option<(x11rb::protocol::xproto::Screen, Self)> {
+        let screen = setup.roots.get(n)?.clone();
+        let format = Self::of(setup, screen.root_depth);
+        Some((screen, format))
+    }
+
     pub fn of(setup: &x11rb::protocol::xproto::Setup, depth: u8) -> Self {
         let bits_per_pixel = setup
             .pixmap_formats
@@ -101,15 +112,12 @@ impl X11Source {
                 source,
             })?;
         let setup = conn.setup();
-        let screen = setup
-            .roots
-            .get(screen_num)
-            .ok_or_else(|| CaptureError::NoScreen {
+        let (screen, format) =
+            ScreenFormat::screen(setup, screen_num).ok_or_else(|| CaptureError::NoScreen {
                 display: name.clone(),
                 screen: screen_num,
             })?;
         let depth = screen.root_depth;
-        let format = ScreenFormat::of(setup, depth);
         // 24/32-bit TrueColor in little-endian order is BGRA in memory; anything else
         // (8-bit palettes, 16-bit, big-endian servers) would need a converter we lack.
         if !format.is_bgrx() {

@@ -291,16 +291,14 @@ impl ViewerWindow {
             source: e,
         };
         let setup = conn.setup();
-        let screen = setup
-            .roots
-            .get(screen_num)
-            .ok_or_else(|| WindowError::NoScreen {
-                display: name.clone(),
-                screen: screen_num,
-            })?
-            .clone();
+        let (screen, format) =
+            crate::media::ScreenFormat::screen(setup, screen_num).ok_or_else(|| {
+                WindowError::NoScreen {
+                    display: name.clone(),
+                    screen: screen_num,
+                }
+            })?;
         let depth = screen.root_depth;
-        let format = crate::media::ScreenFormat::of(setup, depth);
         // The picture goes to the server as BGRX; other formats would need converters.
         if !format.is_bgrx() {
             return Err(WindowError::UnsupportedFormat {

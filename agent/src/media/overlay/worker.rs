@@ -76,16 +76,14 @@ impl Worker {
             source,
         };
         let setup = conn.setup();
-        let screen = setup
-            .roots
-            .get(screen_num)
-            .ok_or_else(|| OverlayError::NoScreen {
-                display: name.clone(),
-                screen: screen_num,
-            })?
-            .clone();
+        let (screen, format) =
+            crate::media::ScreenFormat::screen(setup, screen_num).ok_or_else(|| {
+                OverlayError::NoScreen {
+                    display: name.clone(),
+                    screen: screen_num,
+                }
+            })?;
         let depth = screen.root_depth;
-        let format = crate::media::ScreenFormat::of(setup, depth);
         // The marker is a BGRX image and colours are 0xRRGGBB pixels: TrueColor at 24
         // or 32 bits, little-endian, as X11Source needs too.
         if !format.is_bgrx() {
