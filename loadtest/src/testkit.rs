@@ -111,6 +111,15 @@ pub async fn viewer_until<T>(
     .await?
 }
 
+/// The next screen frame a viewer shows: (sequence number, picture bytes).
+pub async fn next_picture(viewer: &mut Viewer) -> Result<(u64, Vec<u8>)> {
+    viewer_until(viewer, |ev| match ev {
+        ViewerEvent::Screen { frame, seq, .. } => Some((seq, frame.data)),
+        _ => None,
+    })
+    .await
+}
+
 /// What a test asks `CreateSession` for; [`Default`] is tenant "acme", operator
 /// "op-7", a control session with the mode's default permissions, 10 minutes.
 #[derive(Debug, Clone)]
@@ -278,6 +287,38 @@ pub fn hex_random<const N: usize>() -> Result<String> {
     let mut b = [0u8; N];
     getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("system randomness: {e}"))?;
     Ok(hex::encode(b))
+}
+
+/// Screen frame `n` of `bytes` bytes (640x480 as far as anyone is told): distinct,
+/// incompressible-looking content per `n`, so a frame that arrives can be matched to
+/// the one sent.
+pub fn picture(n: usize, bytes: usize, key_frame: bool) -> pb::ScreenFrame {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (n as u64);
+    let data = (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    pb::ScreenFrame {
+        width: 640,
+        height: 480,
+        key_frame,
+        data,
+        group_key: None,
+    }
+}
+
+/// `target` as a coordinator backend with a private namespace, so tests sharing one
+/// Redis never see each other's keys.
+pub fn redis_config(
+    target: kakehashi_coordinator::backend::redis::RedisTarget,
+) -> Result<kakehashi_coordinator::backend::redis::RedisConfig> {
+    let mut config = kakehashi_coordinator::backend::redis::RedisConfig::new(target);
+    config.namespace = format!("test-{}", hex_random::<6>()?);
+    Ok(config)
 }
 
 /// A fresh API key in the coordinator's format, `kh_<16 hex>_<64 hex>`.

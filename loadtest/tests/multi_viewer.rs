@@ -14,7 +14,7 @@ use kakehashi_agent::{
 use kakehashi_loadtest::LocalCluster;
 use kakehashi_loadtest::testkit::{
     Attached, SessionSpec, audit_log, create_session, host_until_no_input as host_until,
-    manual_pair, viewer_until, within,
+    manual_pair, next_picture, picture, viewer_until, within,
 };
 use kakehashi_proto::Permissions;
 use kakehashi_proto::pb;
@@ -24,35 +24,6 @@ use tokio::time::timeout;
 /// viewer would show plainly in the bytes the host sends.
 const PICTURES: usize = 20;
 const PICTURE_BYTES: usize = 40_000;
-
-/// The next screen frame a viewer shows: (sequence number, picture bytes).
-async fn next_picture(viewer: &mut Viewer) -> Result<(u64, Vec<u8>)> {
-    viewer_until(viewer, |ev| match ev {
-        ViewerEvent::Screen { frame, seq, .. } => Some((seq, frame.data)),
-        _ => None,
-    })
-    .await
-}
-
-fn picture(n: usize, key_frame: bool) -> pb::ScreenFrame {
-    // Distinct, incompressible-looking content per picture.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (n as u64);
-    let data = (0..PICTURE_BYTES)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    pb::ScreenFrame {
-        width: 640,
-        height: 480,
-        key_frame,
-        data,
-        group_key: None,
-    }
-}
 
 /// A control session with the operator watching (VIEW answered by hand) and a
 /// supervisor attached with the same ticket, its question open on the host.
@@ -155,7 +126,7 @@ async fn an_admitted_supervisor_watches_the_one_ciphertext_the_host_seals() -> R
         "an admitted supervisor needs a key frame"
     );
     ensure!(
-        host.send_screen(picture(0, true)).await?,
+        host.send_screen(picture(0, PICTURE_BYTES, true)).await?,
         "key frame withheld"
     );
     viewer_until(&mut supervisor, |ev| {
@@ -177,13 +148,16 @@ async fn an_admitted_supervisor_watches_the_one_ciphertext_the_host_seals() -> R
     for n in 1..=PICTURES {
         ensure!(!host.wants_key_frame(), "no frame was lost");
         ensure!(
-            host.send_screen(picture(n, false)).await?,
+            host.send_screen(picture(n, PICTURE_BYTES, false)).await?,
             "picture {n} withheld"
         );
         let (a_seq, a) = next_picture(&mut operator).await?;
         let (b_seq, b) = next_picture(&mut supervisor).await?;
         assert_eq!(a_seq, b_seq, "picture {n}: the same frame for both");
-        assert!(a == b && a == picture(n, false).data, "picture {n} differs");
+        assert!(
+            a == b && a == picture(n, PICTURE_BYTES, false).data,
+            "picture {n} differs"
+        );
     }
     let sealed = host.screen_frames_sealed() - sealed_before;
     let sent = host.bytes_sent_to_relay() - bytes_before;
@@ -235,7 +209,7 @@ async fn an_admitted_supervisor_watches_the_one_ciphertext_the_host_seals() -> R
     .await?;
     assert_eq!(host.group_epoch(), Some(epoch + 1));
     ensure!(host.wants_key_frame(), "a new key needs a key frame");
-    let last = picture(PICTURES + 1, true);
+    let last = picture(PICTURES + 1, PICTURE_BYTES, true);
     ensure!(
         host.send_screen(last.clone()).await?,
         "withheld after rotation"
@@ -279,13 +253,19 @@ async fn a_refused_supervisor_sees_nothing_while_the_operator_watches() -> Resul
     .await?;
     assert!(!admitted);
     let key = host.wants_key_frame();
-    ensure!(host.send_screen(picture(0, key)).await?, "withheld");
+    ensure!(
+        host.send_screen(picture(0, PICTURE_BYTES, key)).await?,
+        "withheld"
+    );
     for n in 1..5 {
-        ensure!(host.send_screen(picture(n, false)).await?, "withheld");
+        ensure!(
+            host.send_screen(picture(n, PICTURE_BYTES, false)).await?,
+            "withheld"
+        );
     }
     for n in 0..5 {
         let (_, got) = next_picture(&mut operator).await?;
-        assert_eq!(got, picture(n, false).data);
+        assert_eq!(got, picture(n, PICTURE_BYTES, false).data);
     }
     // The frames did reach the supervisor (the relay fans out to every viewer); it
     // opens none of them: the operator's key envelope and pictures under a key it
@@ -371,7 +351,10 @@ async fn a_recorder_gets_the_screen_only_while_recording_is_allowed() -> Result<
 
     // Not yet allowed: the operator watches, the recorder gets nothing.
     let key = host.wants_key_frame();
-    ensure!(host.send_screen(picture(0, key)).await?, "withheld");
+    ensure!(
+        host.send_screen(picture(0, PICTURE_BYTES, key)).await?,
+        "withheld"
+    );
     next_picture(&mut operator).await?;
 
     host.answer(Permissions::RECORDING)?;
@@ -382,13 +365,20 @@ async fn a_recorder_gets_the_screen_only_while_recording_is_allowed() -> Result<
     .await?;
     assert!(host.is_recording());
     ensure!(host.wants_key_frame(), "the recorder needs a key frame");
-    ensure!(host.send_screen(picture(1, true)).await?, "withheld");
+    ensure!(
+        host.send_screen(picture(1, PICTURE_BYTES, true)).await?,
+        "withheld"
+    );
     viewer_until(&mut rec, |ev| {
         matches!(ev, ViewerEvent::Admitted).then_some(())
     })
     .await?;
     let (_, got) = next_picture(&mut rec).await?;
-    assert_eq!(got, picture(1, true).data, "the recorder's first picture");
+    assert_eq!(
+        got,
+        picture(1, PICTURE_BYTES, true).data,
+        "the recorder's first picture"
+    );
     next_picture(&mut operator).await?;
 
     // The customer stops the recording: a new group key the recorder never gets, and
@@ -398,9 +388,12 @@ async fn a_recorder_gets_the_screen_only_while_recording_is_allowed() -> Result<
     assert!(!host.is_recording());
     assert_eq!(host.group_epoch(), epoch.map(|e| e + 1));
     ensure!(host.wants_key_frame());
-    ensure!(host.send_screen(picture(2, true)).await?, "withheld");
+    ensure!(
+        host.send_screen(picture(2, PICTURE_BYTES, true)).await?,
+        "withheld"
+    );
     let (_, got) = next_picture(&mut operator).await?;
-    assert_eq!(got, picture(2, true).data);
+    assert_eq!(got, picture(2, PICTURE_BYTES, true).data);
     while let Ok(ev) = rec.events().try_recv() {
         assert!(
             !matches!(ev, ViewerEvent::Screen { .. }),
@@ -460,7 +453,10 @@ async fn operator_and_supervisor_follow_the_session_to_another_relay() -> Result
     })
     .await?;
     ensure!(admitted);
-    ensure!(host.send_screen(picture(0, host.wants_key_frame())).await?);
+    ensure!(
+        host.send_screen(picture(0, PICTURE_BYTES, host.wants_key_frame()))
+            .await?
+    );
     next_picture(&mut operator).await?;
     next_picture(&mut supervisor).await?;
 
@@ -489,7 +485,7 @@ async fn operator_and_supervisor_follow_the_session_to_another_relay() -> Result
     let (b_seq, b) = within("the supervisor's pictures on the new relay", async {
         loop {
             let key = host.wants_key_frame();
-            host.send_screen(picture(n, key)).await?;
+            host.send_screen(picture(n, PICTURE_BYTES, key)).await?;
             n += 1;
             if let Ok(Some(ViewerEvent::Screen { frame, seq, .. })) =
                 timeout(Duration::from_millis(50), supervisor.next_event()).await

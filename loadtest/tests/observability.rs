@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use kakehashi_coordinator::backend::redis::{self, RedisConfig, RedisTarget};
+use kakehashi_coordinator::backend::redis::{self, RedisTarget};
 use kakehashi_coordinator::contract::sample_relays;
 use kakehashi_coordinator::{Coordinator, CoordinatorConfig};
 use kakehashi_loadtest::{LocalCluster, services};
@@ -85,10 +85,8 @@ async fn coordinator_health_follows_redis() -> Result<()> {
     let Some(mut server) = services::redis()? else {
         return Ok(());
     };
-    let mut rand = [0u8; 6];
-    getrandom::fill(&mut rand)?;
-    let mut redis_config = RedisConfig::new(RedisTarget::Single(server.url.clone()));
-    redis_config.namespace = format!("test-{}", hex::encode(rand));
+    let redis_config =
+        kakehashi_loadtest::testkit::redis_config(RedisTarget::Single(server.url.clone()))?;
     let backends = redis::backends(&redis_config, sample_relays()).await?;
     let coordinator = Coordinator::start(CoordinatorConfig::dev(sample_relays()), backends).await?;
     let mut health = HealthClient::new(Channel::from_shared(coordinator.url())?.connect().await?);

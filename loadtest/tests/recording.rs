@@ -12,7 +12,9 @@ use kakehashi_agent::recording::{
 };
 use kakehashi_agent::{HostEvent, Viewer, ViewerConfig, ViewerEvent};
 use kakehashi_loadtest::LocalCluster;
-use kakehashi_loadtest::testkit::{Attached, SessionSpec, host_until, manual_pair, within};
+use kakehashi_loadtest::testkit::{
+    Attached, SessionSpec, host_until, manual_pair, next_picture, picture, within,
+};
 use kakehashi_proto::Permissions;
 use kakehashi_proto::pb;
 
@@ -20,21 +22,6 @@ use kakehashi_proto::pb;
 const RECORDED: usize = 8;
 const AFTER_REVOKE: usize = 4;
 const PICTURE_BYTES: usize = 20_000;
-
-/// The next screen frame the operator shows: (sequence number, picture bytes).
-async fn operator_picture(viewer: &mut Viewer) -> Result<(u64, Vec<u8>)> {
-    within("the operator's picture", async {
-        while let Some(ev) = viewer.next_event().await {
-            match ev {
-                ViewerEvent::Screen { frame, seq, .. } => return Ok((seq, frame.data)),
-                ViewerEvent::Ended { .. } => bail!("operator: session ended: {ev:?}"),
-                _ => {}
-            }
-        }
-        bail!("operator event stream closed")
-    })
-    .await?
-}
 
 /// The recorder's loop, one step: writes every event it sees until `pick` says stop,
 /// as `kakehashi record` does.
@@ -77,25 +64,6 @@ fn write(writer: &mut RecordingWriter, ev: &ViewerEvent) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn picture(n: usize, key_frame: bool) -> pb::ScreenFrame {
-    let mut x = 0x2545_f491_4f6c_dd1du64 ^ (n as u64);
-    let data = (0..PICTURE_BYTES)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    pb::ScreenFrame {
-        width: 640,
-        height: 480,
-        key_frame,
-        data,
-        group_key: None,
-    }
 }
 
 /// A directory under the system temp dir, removed on drop.
@@ -192,9 +160,13 @@ async fn a_recorder_records_only_while_the_customer_allows_and_the_file_proves_i
 
     // Before the answer: the operator watches, the recorder gets nothing.
     let key_frame = host.wants_key_frame();
-    ensure!(host.send_screen(picture(0, key_frame)).await?, "withheld");
-    let (_, got) = operator_picture(&mut operator).await?;
-    ensure!(got == picture(0, false).data);
+    ensure!(
+        host.send_screen(picture(0, PICTURE_BYTES, key_frame))
+            .await?,
+        "withheld"
+    );
+    let (_, got) = next_picture(&mut operator).await?;
+    ensure!(got == picture(0, PICTURE_BYTES, false).data);
 
     // The customer allows recording: the indicator's hook turns on.
     host.answer(Permissions::RECORDING)?;
@@ -231,12 +203,12 @@ async fn a_recorder_records_only_while_the_customer_allows_and_the_file_proves_i
     for n in 1..=RECORDED {
         let key_frame = host.wants_key_frame();
         ensure!(n > 1 || key_frame, "consent to record needs a key frame");
-        let frame = picture(n, key_frame);
+        let frame = picture(n, PICTURE_BYTES, key_frame);
         ensure!(
             host.send_screen(frame.clone()).await?,
             "picture {n} withheld"
         );
-        let (op_seq, op_pic) = operator_picture(&mut operator).await?;
+        let (op_seq, op_pic) = next_picture(&mut operator).await?;
         let (seq, data) = record_until(&mut recorder, &mut writer, |ev| match ev {
             ViewerEvent::Screen { frame, seq, .. } => Some((*seq, frame.data.clone())),
             _ => None,
@@ -263,12 +235,12 @@ async fn a_recorder_records_only_while_the_customer_allows_and_the_file_proves_i
     .await?;
     for n in 0..AFTER_REVOKE {
         let key_frame = host.wants_key_frame();
-        let frame = picture(RECORDED + 1 + n, key_frame);
+        let frame = picture(RECORDED + 1 + n, PICTURE_BYTES, key_frame);
         ensure!(
             host.send_screen(frame.clone()).await?,
             "withheld after revoke"
         );
-        let (_, got) = operator_picture(&mut operator).await?;
+        let (_, got) = next_picture(&mut operator).await?;
         ensure!(got == frame.data);
     }
     // Whatever reached the recorder is in its queue by now: no picture.

@@ -9,20 +9,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use kakehashi_coordinator::backend::codes::{CodeStore, is_well_formed};
-use kakehashi_coordinator::backend::redis::{
-    self, RedisCodeStore, RedisConfig, RedisGuessLimiter, RedisTarget,
-};
+use kakehashi_coordinator::backend::redis::{self, RedisCodeStore, RedisGuessLimiter, RedisTarget};
 use kakehashi_coordinator::limiter::{GuessLimiter, GuessPolicy, Verdict};
 use kakehashi_loadtest::services;
+use kakehashi_loadtest::testkit::redis_config;
 use kakehashi_proto::SessionId;
-
-fn config(target: RedisTarget) -> Result<RedisConfig> {
-    let mut rand = [0u8; 6];
-    getrandom::fill(&mut rand)?;
-    let mut config = RedisConfig::new(target);
-    config.namespace = format!("test-{}", hex::encode(rand));
-    Ok(config)
-}
 
 fn session(n: u64) -> SessionId {
     let mut b = [0u8; 16];
@@ -38,7 +29,7 @@ async fn thirty_two_allocators_never_share_a_live_code() -> Result<()> {
     let Some(server) = services::redis()? else {
         return Ok(());
     };
-    let config = config(RedisTarget::Single(server.url.clone()))?;
+    let config = redis_config(RedisTarget::Single(server.url.clone()))?;
     let shared = redis::connect(&config).await?;
     let store = Arc::new(RedisCodeStore::new(shared, config.code_density));
     let ttl = Duration::from_secs(600);
@@ -76,7 +67,7 @@ async fn thirty_two_allocators_never_share_a_live_code() -> Result<()> {
 }
 
 async fn hundred_redeemers(target: RedisTarget) -> Result<()> {
-    let config = config(target)?;
+    let config = redis_config(target)?;
     let shared = redis::connect(&config).await?;
     let store = Arc::new(RedisCodeStore::new(shared, config.code_density));
     for round in 0..5u64 {
@@ -117,7 +108,7 @@ async fn codes_expire_in_redis_itself() -> Result<()> {
     let Some(server) = services::redis()? else {
         return Ok(());
     };
-    let config = config(RedisTarget::Single(server.url.clone()))?;
+    let config = redis_config(RedisTarget::Single(server.url.clone()))?;
     let store = RedisCodeStore::new(redis::connect(&config).await?, config.code_density);
     let code = store
         .allocate(session(1), 6, Duration::from_millis(100))
@@ -152,7 +143,7 @@ async fn guess_limits_are_shared_by_coordinators_and_tighten_under_attack() -> R
     let Some(server) = services::redis()? else {
         return Ok(());
     };
-    let mut config = config(RedisTarget::Single(server.url.clone()))?;
+    let mut config = redis_config(RedisTarget::Single(server.url.clone()))?;
     config.guess_policy = GuessPolicy {
         budget: 30,
         ..GuessPolicy::default()

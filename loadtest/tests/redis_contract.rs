@@ -3,18 +3,10 @@
 
 use anyhow::Result;
 use kakehashi_coordinator::Backends;
-use kakehashi_coordinator::backend::redis::{self, RedisConfig, RedisTarget};
+use kakehashi_coordinator::backend::redis::{self, RedisTarget};
 use kakehashi_coordinator::contract;
 use kakehashi_loadtest::services;
-
-/// A private namespace, so tests sharing one Redis never see each other's keys.
-fn config(target: RedisTarget) -> Result<RedisConfig> {
-    let mut rand = [0u8; 6];
-    getrandom::fill(&mut rand)?;
-    let mut config = RedisConfig::new(target);
-    config.namespace = format!("test-{}", hex::encode(rand));
-    Ok(config)
-}
+use kakehashi_loadtest::testkit::redis_config;
 
 #[tokio::test]
 async fn in_memory_backends_pass_the_contract() {
@@ -26,7 +18,7 @@ async fn redis_single_node_passes_the_contract() -> Result<()> {
     let Some(redis_server) = services::redis()? else {
         return Ok(());
     };
-    let config = config(RedisTarget::Single(redis_server.url.clone()))?;
+    let config = redis_config(RedisTarget::Single(redis_server.url.clone()))?;
     let backends = redis::backends(&config, contract::sample_relays()).await?;
     contract::run_all(&backends).await;
     Ok(())
@@ -37,7 +29,7 @@ async fn redis_cluster_passes_the_contract() -> Result<()> {
     let Some(cluster) = services::redis_cluster()? else {
         return Ok(());
     };
-    let config = config(RedisTarget::Cluster(cluster.nodes.clone()))?;
+    let config = redis_config(RedisTarget::Cluster(cluster.nodes.clone()))?;
     let backends = redis::backends(&config, contract::sample_relays()).await?;
     contract::run_all(&backends).await;
     Ok(())

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use kakehashi_agent::{Consent, Host, HostConfig, HostEvent, Viewer, ViewerConfig, ViewerEvent};
 use kakehashi_coordinator::backend::redis::{RedisConfig, RedisTarget};
-use kakehashi_loadtest::testkit::{api_key, authed, hex_random};
+use kakehashi_loadtest::testkit::{api_key, authed, hex_random, redis_config};
 use kakehashi_loadtest::{LocalCluster, services};
 use kakehashi_proto::Permissions;
 use kakehashi_proto::pb::{
@@ -254,8 +254,7 @@ async fn cross_tenant_calls_are_denied_with_keys_and_sessions_in_redis() -> Resu
     let Some(redis) = services::redis()? else {
         return Ok(());
     };
-    let mut config = RedisConfig::new(RedisTarget::Single(redis.url.clone()));
-    config.namespace = format!("auth-{}", hex_random::<6>()?);
+    let config = redis_config(RedisTarget::Single(redis.url.clone()))?;
     cross_tenant_is_denied(Some(config)).await
 }
 

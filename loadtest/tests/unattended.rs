@@ -11,7 +11,7 @@ use anyhow::{Context, Result, ensure};
 use kakehashi_agent::device::{self, DeviceKey, Poller};
 use kakehashi_agent::{HostOptions, SyntheticScreen, Viewer, ViewerConfig, ViewerEvent};
 use kakehashi_coordinator::backend::redis::{RedisConfig, RedisTarget};
-use kakehashi_loadtest::testkit::{api_key, authed, hex_random, viewer_until, within};
+use kakehashi_loadtest::testkit::{api_key, authed, redis_config, viewer_until, within};
 use kakehashi_loadtest::{LocalCluster, services};
 use kakehashi_proto::pb::{
     self, admin_service_client::AdminServiceClient, agent_service_client::AgentServiceClient,
@@ -341,8 +341,7 @@ async fn unattended_access_works_with_devices_in_redis() -> Result<()> {
     let Some(redis) = services::redis()? else {
         return Ok(());
     };
-    let mut config = RedisConfig::new(RedisTarget::Single(redis.url.clone()));
-    config.namespace = format!("unattended-{}", hex_random::<6>()?);
+    let config = redis_config(RedisTarget::Single(redis.url.clone()))?;
     connects_without_a_prompt(Some(config)).await
 }
 
