@@ -207,16 +207,21 @@ pub struct Attached {
     pub viewer: Viewer,
 }
 
-/// Creates a session and joins the operator's viewer, then the customer's host.
-async fn join_pair(
+/// Joins the operator's viewer to a created session, then the customer's host with
+/// `consent`.
+pub async fn join_created(
     url: &str,
-    spec: &SessionSpec,
+    created: &pb::CreateSessionResponse,
     consent: kakehashi_agent::Consent,
-) -> Result<Attached> {
-    let (created, sid) = create_session(url, spec).await?;
+) -> Result<(Host, Viewer)> {
+    let sid = &created
+        .session
+        .as_ref()
+        .context("no session in the answer")?
+        .session_id;
     let viewer = Viewer::join(
         url,
-        &sid,
+        sid,
         &created.operator_ticket,
         kakehashi_agent::ViewerConfig::default(),
     )
@@ -225,6 +230,17 @@ async fn join_pair(
     let host = Host::join(url, &created.code, kakehashi_agent::HostConfig { consent })
         .await
         .context("customer joins")?;
+    Ok((host, viewer))
+}
+
+/// Creates a session and joins the operator's viewer, then the customer's host.
+async fn join_pair(
+    url: &str,
+    spec: &SessionSpec,
+    consent: kakehashi_agent::Consent,
+) -> Result<Attached> {
+    let (created, sid) = create_session(url, spec).await?;
+    let (host, viewer) = join_created(url, &created, consent).await?;
     Ok(Attached {
         created,
         sid,

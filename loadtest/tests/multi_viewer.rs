@@ -8,13 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use kakehashi_agent::{
-    AgentError, Consent, Host, HostConfig, HostEvent, Viewer, ViewerConfig, ViewerEvent,
-};
+use kakehashi_agent::{AgentError, Consent, Host, HostEvent, Viewer, ViewerConfig, ViewerEvent};
 use kakehashi_loadtest::LocalCluster;
 use kakehashi_loadtest::testkit::{
     Attached, SessionSpec, audit_log, create_session, host_until_no_input as host_until,
-    manual_pair, next_picture, picture, viewer_until, within,
+    join_created, manual_pair, next_picture, picture, viewer_until, within,
 };
 use kakehashi_proto::Permissions;
 use kakehashi_proto::pb;
@@ -420,21 +418,8 @@ async fn operator_and_supervisor_follow_the_session_to_another_relay() -> Result
         .and_then(|s| s.relay)
         .context("relay")?
         .relay_id;
-    let mut operator = Viewer::join(
-        &url,
-        &sid,
-        &created.operator_ticket,
-        ViewerConfig::default(),
-    )
-    .await?;
-    let mut host = Host::join(
-        &url,
-        &created.code,
-        HostConfig {
-            consent: Consent::Approve(Permissions::VIEW),
-        },
-    )
-    .await?;
+    let (mut host, mut operator) =
+        join_created(&url, &created, Consent::Approve(Permissions::VIEW)).await?;
     host_until(&mut host, |ev| match ev {
         HostEvent::GrantsChanged(g) if g.contains(Permissions::VIEW) => Some(()),
         _ => None,

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use kakehashi_agent::{Consent, Host, HostConfig, HostEvent, Viewer, ViewerConfig, ViewerEvent};
+use kakehashi_agent::{Consent, HostEvent, ViewerEvent};
 use kakehashi_coordinator::backend::redis::{RedisConfig, RedisTarget};
-use kakehashi_loadtest::testkit::{api_key, authed, hex_random, redis_config};
+use kakehashi_loadtest::testkit::{api_key, authed, hex_random, join_created, redis_config};
 use kakehashi_loadtest::{LocalCluster, services};
 use kakehashi_proto::Permissions;
 use kakehashi_proto::pb::{
@@ -592,21 +592,8 @@ async fn a_whole_session_runs_with_an_operator_key() -> Result<()> {
         .clone();
     let url = f.cluster.coordinator_url();
     // Agents authenticate with the ticket and the code, not with API keys.
-    let mut viewer = Viewer::join(
-        &url,
-        &sid,
-        &created.operator_ticket,
-        ViewerConfig::default(),
-    )
-    .await?;
-    let mut host = Host::join(
-        &url,
-        &created.code,
-        HostConfig {
-            consent: Consent::Approve(Permissions::VIEW),
-        },
-    )
-    .await?;
+    let (mut host, mut viewer) =
+        join_created(&url, &created, Consent::Approve(Permissions::VIEW)).await?;
     tokio::time::timeout(WAIT, async {
         while let Some(ev) = viewer.next_event().await {
             if matches!(ev, ViewerEvent::GrantsChanged(g) if g.contains(Permissions::VIEW)) {
